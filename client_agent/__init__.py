@@ -1,0 +1,1 @@
+"""fedtune.client_agent"""

@@ -1,0 +1,1 @@
+"""fedtune.compliance"""
