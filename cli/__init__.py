@@ -1,1 +1,13 @@
-"""fedtune.cli"""
+"""The `fedtune` command: the composition root that puts every part's sub-commands together."""
+
+import typer
+from fedtune.cli.demo import demo
+from fedtune.model.cli import app as model_app
+
+app = typer.Typer(
+    help="fedtune: federated, differentially private LoRA fine-tuning.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(model_app, name="model")
+app.command()(demo)

@@ -126,7 +126,9 @@ class ModelConfig:
                     f"num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}"
                 )
             if self.n_group < 1 or self.n_routed_experts % self.n_group:
-                raise ConfigError(f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
+                raise ConfigError(
+                    f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}"
+                )
             if not 1 <= self.topk_group <= self.n_group:
                 raise ConfigError(f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}")
             if self.topk_method == "noaux_tc" and self.n_routed_experts // self.n_group < 2 and self.n_group > 1:
@@ -145,6 +147,7 @@ class ModelConfig:
             raise ConfigError(f"rope type {self.rope.rope_type!r} is not supported; expected 'default' or 'yarn'")
 
     # Parameter counts ------------------------------------------------------------------------
+    @property
     def expert_parameters(self) -> int:
         """Parameters of one routed expert (gate, up, down)."""
         return 3 * self.hidden_size * self.moe_intermediate_size
@@ -312,6 +315,9 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     )
 
 
+# The presets have no tokenizer.json: they use the byte-level tokenizer's special ids.
+_BYTE_TOKENS: dict[str, Any] = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
+
 PRESETS: dict[str, ModelConfig] = {
     # Tests and the demo: a few hundred thousand parameters, every code path present.
     "tiny": ModelConfig(
@@ -319,7 +325,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-        routed_scaling_factor=2.5, max_position_embeddings=1024,
+        routed_scaling_factor=2.5, max_position_embeddings=1024, **_BYTE_TOKENS,
         rope=RopeConfig(theta=10000.0, rope_type="yarn", factor=4.0, original_max_position_embeddings=256,
                         mscale=1.0, mscale_all_dim=1.0),
     ),
@@ -329,7 +335,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=4, num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128,
         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, first_k_dense_replace=1,
         n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=4,
-        routed_scaling_factor=2.5, max_position_embeddings=4096,
+        routed_scaling_factor=2.5, max_position_embeddings=4096, **_BYTE_TOKENS,
         rope=RopeConfig(theta=10000.0, rope_type="yarn", factor=4.0, original_max_position_embeddings=1024,
                         mscale=1.0, mscale_all_dim=1.0),
     ),

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from fedtune.kernels.reference import moe_experts
 from fedtune.model.config import ModelConfig, RopeConfig, yarn_mscale
+from torch import nn
 
 
 class RMSNorm(nn.Module):
@@ -147,7 +146,8 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_proj = nn.Linear(c.hidden_size, q_out, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        kv_out = c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, kv_out, bias=False)
         self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
 
     def forward(
