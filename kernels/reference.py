@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fedtune.kernels.schemes import dequantize_weight
+
 
 def moe_experts(
     x: torch.Tensor,
@@ -52,3 +54,44 @@ def moe_experts(
     expert_out = expert_out * routing_weights.reshape(-1)[order, None].to(expert_out.dtype)
     y = torch.zeros(n_tokens, x.shape[-1], dtype=expert_out.dtype, device=x.device)
     return y.index_add(0, token_of_slot, expert_out).to(x.dtype)
+
+
+def dequantized(weights: list[torch.Tensor], scheme: str, group_size: int, in_features: int, like: torch.Tensor):
+    """The float weight a scheme's tensors stand for, in fp32 (fp64 when `like` is fp64)."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return dequantize_weight(weights, scheme, group_size, in_features, dtype)
+
+
+def quant_linear(
+    x: torch.Tensor, weights: list[torch.Tensor], scheme: str, group_size: int, in_features: int
+) -> torch.Tensor:
+    """y = x · W^T with W dequantized first; computed in fp32 (fp64 for fp64 x), returned in x's dtype."""
+    w = dequantized(weights, scheme, group_size, in_features, x)  # [N, K]
+    return F.linear(x.to(w.dtype), w).to(x.dtype)
+
+
+def quant_linear_dx(
+    dy: torch.Tensor, weights: list[torch.Tensor], scheme: str, group_size: int, in_features: int
+) -> torch.Tensor:
+    """dX = dY · W: the input gradient of `quant_linear` (the weight is frozen: no dW)."""
+    w = dequantized(weights, scheme, group_size, in_features, dy)  # [N, K]
+    return (dy.to(w.dtype) @ w).to(dy.dtype)
+
+
+def quant_moe_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    routing_weights: torch.Tensor,
+    gate: list[torch.Tensor],
+    up: list[torch.Tensor],
+    down: list[torch.Tensor],
+    scheme: str,
+    group_size: int,
+) -> torch.Tensor:
+    """`moe_experts` over quantized stacked experts: dequantize all of them, then the float spec."""
+    hidden = x.shape[-1]
+    w_gate = dequantized(gate, scheme, group_size, hidden, x)  # [E, I, H]
+    w_up = dequantized(up, scheme, group_size, hidden, x)
+    w_down = dequantized(down, scheme, group_size, w_gate.shape[1], x)  # [E, H, I]
+    out = moe_experts(x.to(w_gate.dtype), expert_ids, routing_weights.to(w_gate.dtype), w_gate, w_up, w_down)
+    return out.to(x.dtype)

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from fedtune.kernels.reference import moe_experts
-from fedtune.model.config import ModelConfig, RopeConfig, yarn_mscale
 from torch import nn
+
+from fedtune.kernels import moe_experts
+from fedtune.model.config import ModelConfig, RopeConfig, yarn_mscale
 
 
 class RMSNorm(nn.Module):
@@ -261,7 +262,7 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return moe_experts(x, expert_ids, weights, self.gate_proj, self.up_proj, self.down_proj)
+        return moe_experts(x, expert_ids, weights, [self.gate_proj], [self.up_proj], [self.down_proj])
 
 
 class MoE(nn.Module):
