@@ -1,6 +1,7 @@
 """The `fedtune` command: the composition root that puts every part's sub-commands together."""
 
 import typer
+
 from fedtune.cli.demo import demo
 from fedtune.model.cli import app as model_app
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from fedtune.model.cli import console, generate, info, init_tiny
 
 

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
 from fedtune.model import CheckpointError, DeepseekForCausalLM, init_weights, load_pretrained, save_pretrained
 from fedtune.model.checkpoint import dequantize_fp8_blocks, hf_state_dict
 from fedtune.model.config import PRESETS
 from fedtune.model.safetensors_index import checkpoint_digest, read_index
 from fedtune.model.tokenizer import ByteTokenizer, load_tokenizer
-from safetensors import safe_open
-from safetensors.torch import save_file
-from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 
 TINY = PRESETS["tiny"]
 

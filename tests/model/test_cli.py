@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+from typer.testing import CliRunner
+
 from fedtune.cli import app
 from fedtune.model.config import PRESETS
-from typer.testing import CliRunner
 
 runner = CliRunner()
 
