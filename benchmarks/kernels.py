@@ -32,10 +32,8 @@ PEAK_BANDWIDTH_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H200": 4800, "
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
@@ -85,7 +83,6 @@ def bench_linear(scheme: str, group: int, M: int, K: int, N: int, reps: int, dev
         "reference": median_ms(reference, reps, sync),
         "weight_bytes": sum(t.nbytes for t in weights),
     }
-    del floats, quants
     return row
 
 

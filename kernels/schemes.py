@@ -165,9 +165,11 @@ def quantize_nf4(w: torch.Tensor, group_size: int = 0) -> dict[str, torch.Tensor
     absmax_q = torch.round(grouped / absmax_scale[..., None]).clamp(-127, 127).to(torch.int8)
     absmax_q = absmax_q.flatten(-2)[..., :nb].reshape(absmax.shape)
     stored_absmax = _nf4_absmax(absmax_q, absmax_scale, offset).clamp(min=1e-12)
-    code = torch.tensor(NF4_CODE)
+    code = torch.tensor(NF4_CODE, device=w.device)
     normalised = blocks / stored_absmax[..., None]
-    q = (normalised[..., None] - code).abs().argmin(dim=-1)  # nearest code, [..., N, Kp/64, 64]
+    # Nearest code: the code book is sorted, so bucketing by the midpoints between codes finds it
+    # without a [..., 16] temporary.
+    q = torch.bucketize(normalised, (code[1:] + code[:-1]) / 2)  # [..., N, Kp/64, 64]
     return {
         "qweight": pack_nibbles(q.flatten(-2)),
         "absmax_q": absmax_q,

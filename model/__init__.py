@@ -2,10 +2,20 @@
 
 from fedtune.model.checkpoint import load_pretrained, save_pretrained
 from fedtune.model.config import ConfigError, ModelConfig
+from fedtune.model.convert import convert_checkpoint
 from fedtune.model.model import DeepseekForCausalLM, init_weights
+from fedtune.model.quantize import (
+    QuantExperts,
+    QuantizationConfig,
+    QuantLinear,
+    quantization_of,
+    quantize_model,
+    quantize_state_dict,
+)
 from fedtune.model.safetensors_index import CheckpointError
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DeepseekForCausalLM", "ModelConfig", "init_weights",
-    "load_pretrained", "save_pretrained",
+    "CheckpointError", "ConfigError", "DeepseekForCausalLM", "ModelConfig", "QuantExperts", "QuantLinear",
+    "QuantizationConfig", "convert_checkpoint", "init_weights", "load_pretrained", "quantization_of",
+    "quantize_model", "quantize_state_dict", "save_pretrained",
 ]

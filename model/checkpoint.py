@@ -5,6 +5,11 @@ the meta device, then `to_empty`), so peak memory is the final model plus one st
 Per-expert tensors (`mlp.experts.N.gate_proj.weight`, the published layout) are copied into
 their slice of our stacked `[E, ...]` parameters. DeepSeek-V3's FP8 e4m3 weights are
 dequantized on load with their 128x128-block `weight_scale_inv`.
+
+A directory whose config.json has a `quantization` block (written by `fedtune model convert`,
+docs/quantization.md) holds our own layout instead: stacked experts and each quantized weight's
+stored tensors, named as `model/quantize.py` says. `load_pretrained` builds the quantized model
+for it directly and streams the tensors into its buffers.
 """
 
 from __future__ import annotations
@@ -15,11 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fedtune.model.config import ConfigError, ModelConfig
-from fedtune.model.model import DeepseekForCausalLM
-from fedtune.model.safetensors_index import CheckpointError, TensorEntry, read_index
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from fedtune.model.config import ConfigError, ModelConfig
+from fedtune.model.model import DeepseekForCausalLM
+from fedtune.model.quantize import (
+    QuantizationConfig,
+    QuantizationError,
+    QuantWeight,
+    quantization_of,
+    quantized_skeleton,
+    stored_tensor_names,
+)
+from fedtune.model.safetensors_index import CheckpointError, TensorEntry, read_index
 
 FP8_BLOCK = 128
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -39,6 +53,25 @@ def read_config(path: str | Path) -> ModelConfig:
     try:
         return ModelConfig.from_hf(hf)
     except ConfigError as e:
+        raise CheckpointError(f"{config_file}: {e}") from e
+
+
+def read_quantization(path: str | Path) -> QuantizationConfig | None:
+    """The `quantization` block of a checkpoint's config.json, or None for a float checkpoint.
+
+    Raises:
+        CheckpointError: no readable config.json, or a malformed / unsupported block (named).
+    """
+    config_file = Path(path) / "config.json"
+    try:
+        block = json.loads(config_file.read_text()).get("quantization")
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file}: cannot read it ({e})") from e
+    if block is None:
+        return None
+    try:
+        return QuantizationConfig.from_json(block)
+    except (QuantizationError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file}: {e}") from e
 
 
@@ -88,9 +121,15 @@ def load_pretrained(
     """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory into our model.
 
     Args:
-        path: directory with `config.json` and `model.safetensors` or a sharded index.
-        dtype: dtype of the loaded parameters (FP8 weights are dequantized to it).
+        path: directory with `config.json` and `model.safetensors` or a sharded index; or a
+            quantized directory from `fedtune model convert`.
+        dtype: dtype of the loaded float parameters (FP8 weights are dequantized to it); the
+            stored tensors of a quantized checkpoint keep their own dtypes.
         device: where the parameters live.
+
+    Returns:
+        The model in eval mode; for a quantized checkpoint with `QuantLinear` / `QuantExperts`
+        modules and every parameter frozen.
 
     Raises:
         CheckpointError: unknown model_type, a missing, extra, misshapen or corrupt tensor; the
@@ -98,7 +137,10 @@ def load_pretrained(
     """
     path = Path(path)
     config = read_config(path)
+    quantization = read_quantization(path)
     entries = read_index(path)
+    if quantization is not None:
+        return _load_quantized(path, config, quantization, entries, dtype, device)
     with torch.device("meta"):
         model = DeepseekForCausalLM(config)
     model.to_empty(device=device)
@@ -124,11 +166,7 @@ def load_pretrained(
             if target.param not in params:
                 raise CheckpointError(f"{entry.file}: tensor {name!r} does not belong to a {config.model_type} model "
                                       f"with this config.json (no parameter {target.param!r})")
-            tensor = _read(entry, handles)
-            if entry.dtype in ("F8_E4M3", "F8_E5M2"):
-                if name not in scales:
-                    raise CheckpointError(f"{entry.file}: FP8 tensor {name!r} has no {name}_scale_inv")
-                tensor = dequantize_fp8_blocks(tensor, _read(scales[name], handles))
+            tensor = read_float(entry, scales, handles)
             _copy_into(model, params, target, name, entry, tensor, filled)
     finally:
         handles.clear()
@@ -137,6 +175,58 @@ def load_pretrained(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def _load_quantized(path: Path, config: ModelConfig, qc: QuantizationConfig, entries: dict[str, TensorEntry],
+                    dtype: torch.dtype, device: str | torch.device) -> DeepseekForCausalLM:
+    """Build the quantized model on the meta device, allocate it once, stream the stored tensors in."""
+    try:
+        model = quantized_skeleton(config, qc, dtype)
+    except QuantizationError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+    model.to_empty(device=device)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.data = buffer.data.float()  # routing decisions are made in fp32, as in the float loader
+    state = model.state_dict(keep_vars=True)
+    fixed_dtype = stored_tensor_names(model)
+    handles: dict[Path, object] = {}
+    filled: set[str] = set()
+    with torch.no_grad():
+        for name in sorted(entries):
+            entry = entries[name]
+            if name not in state:
+                raise CheckpointError(f"{entry.file}: tensor {name!r} does not belong to a {config.model_type} "
+                                      f"model quantized with {qc.scheme} and this config.json")
+            target = state[name]
+            _check_shape(entry.shape, tuple(target.shape), name, entry)
+            tensor = _read(entry, handles)
+            if name in fixed_dtype and tensor.dtype != target.dtype:
+                raise CheckpointError(f"{entry.file}: tensor {name!r} is {tensor.dtype}, but {qc.scheme} stores "
+                                      f"{target.dtype}; the file does not match its quantization block")
+            target.copy_(tensor)
+            filled.add(name)
+    handles.clear()
+    missing = sorted(set(state) - filled - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{path}: quantized checkpoint lacks tensors the config requires: {shown}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for module in model.modules():
+        if isinstance(module, QuantWeight):
+            module.refresh_packed()  # the kernels' device layouts, from the tensors just loaded
+    return model.eval()
+
+
+def read_float(entry: TensorEntry, scales: dict[str, TensorEntry], handles: dict[Path, object]) -> torch.Tensor:
+    """One stored tensor; an FP8 one dequantized to fp32 with its `weight_scale_inv` (from `scales`, by name)."""
+    tensor = _read(entry, handles)
+    if entry.dtype in ("F8_E4M3", "F8_E5M2"):
+        if entry.name not in scales:
+            raise CheckpointError(f"{entry.file}: FP8 tensor {entry.name!r} has no {entry.name}_scale_inv")
+        tensor = dequantize_fp8_blocks(tensor, _read(scales[entry.name], handles))
+    return tensor
 
 
 def _read(entry: TensorEntry, handles: dict[Path, object]) -> torch.Tensor:
@@ -213,12 +303,22 @@ def hf_state_dict(model: DeepseekForCausalLM) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: DeepseekForCausalLM, out: str | Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write `config.json` and `model.safetensors` in the Hugging Face DeepSeek layout."""
+    """Write `config.json` and `model.safetensors`: the Hugging Face DeepSeek layout for a float
+    model; for a quantized one (`quantize_model`) our layout and a `quantization` block, as
+    `fedtune model convert` writes (the stored tensors keep their dtypes; `dtype` casts the rest)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf_state_dict(model).items()}
     hf = model.config.to_hf()
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    quantization = quantization_of(model)
+    if quantization is None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf_state_dict(model).items()}
+    else:
+        keep = stored_tensor_names(model)
+        tensors = {k: v.to(dtype) if v.is_floating_point() and k not in keep else v.contiguous()
+                   for k, v in model.state_dict().items()
+                   if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+        hf["quantization"] = quantization.to_json()
     # Write to temporary names and rename, so an interrupted save never leaves a half checkpoint.
     tmp_weights, tmp_config = out / "model.safetensors.partial", out / "config.json.partial"
     save_file(tensors, str(tmp_weights), metadata={"format": "pt"})

@@ -8,17 +8,23 @@ from typing import Annotated
 
 import torch
 import typer
-from fedtune.model.checkpoint import load_pretrained, read_config, save_pretrained
-from fedtune.model.config import PRESETS, ModelConfig
-from fedtune.model.model import DeepseekForCausalLM, init_weights
-from fedtune.model.safetensors_index import CheckpointError, checkpoint_digest, read_index
-from fedtune.model.tokenizer import load_tokenizer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedtune.kernels.schemes import SCHEMES, QuantizationError
+from fedtune.model.checkpoint import load_pretrained, read_config, read_quantization, save_pretrained
+from fedtune.model.config import PRESETS, ModelConfig
+from fedtune.model.convert import convert_checkpoint
+from fedtune.model.model import DeepseekForCausalLM, init_weights
+from fedtune.model.quantize import QuantizationConfig
+from fedtune.model.safetensors_index import CheckpointError, checkpoint_digest, read_index
+from fedtune.model.tokenizer import load_tokenizer
+
 app = typer.Typer(
-    help="Base-model checkpoints: create, inspect, generate.", no_args_is_help=True, pretty_exceptions_show_locals=False
+    help="Base-model checkpoints: create, convert (quantize), inspect, generate.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
 )
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -61,18 +67,22 @@ def info(
     path: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")] = False,
 ) -> None:
-    """Architecture, parameter counts, size on disk and the checkpoint digest that jobs pin."""
+    """Architecture, parameter counts, quantization, size on disk (and its ratio to bf16), and the digest jobs pin."""
     try:
         config = read_config(path)
+        quantization = read_quantization(path)
         entries = read_index(path)
         digest = checkpoint_digest(entries)
     except CheckpointError as e:
         raise _fail(str(e)) from e
     total, active = parameter_counts(config)
     on_disk = sum(f.stat().st_size for f in {e.file for e in entries.values()})
+    bf16_bytes = 2 * total  # the same architecture with every parameter in bf16
     if as_json:
         print(json.dumps({"model_type": config.model_type, "parameters": total, "active_parameters": active,
-                          "tensors": len(entries), "bytes_on_disk": on_disk, "digest": f"sha256:{digest}"}))
+                          "tensors": len(entries), "quantization": quantization and quantization.to_json(),
+                          "bytes_on_disk": on_disk, "bf16_bytes": bf16_bytes,
+                          "ratio_to_bf16": round(on_disk / bf16_bytes, 4), "digest": f"sha256:{digest}"}))
         return
     table = Table(show_header=False, box=None)
     table.add_column(no_wrap=True)
@@ -86,13 +96,42 @@ def info(
         ("rope", f"{config.rope.rope_type}, theta {config.rope.theta:g}"
                  + (f", factor {config.rope.factor:g}" if config.rope.rope_type == "yarn" else "")),
         ("parameters", f"{total:,} total, {active:,} active per token"),
+        ("quantization", _describe(quantization)),
         ("tensors", f"{len(entries)} in {len({e.file for e in entries.values()})} file(s)"),
-        ("bytes on disk", f"{on_disk:,}"),
+        ("bytes on disk", f"{on_disk:,} ({on_disk / bf16_bytes:.3f}x the {bf16_bytes:,} bytes of this "
+                          f"architecture in bf16)"),
         ("digest", f"sha256:{digest}"),
     ]
     for key, value in rows:
         table.add_row(f"[bold]{key}[/bold]", value)
     console.print(table)
+
+
+def _describe(quantization: QuantizationConfig | None) -> str:
+    if quantization is None:
+        return "none (float checkpoint)"
+    group = f", group size {quantization.group_size}" if quantization.group_size else ""
+    head = "quantized" if quantization.quantize_lm_head else "kept float"
+    return (f"{quantization.scheme}{group}; lm_head {head}; embeddings, norms and routers kept float "
+            f"(format {quantization.format_version})")
+
+
+@app.command()
+def convert(
+    hf_dir: Annotated[Path, typer.Argument(help="Hugging Face DeepSeek-V2/V3 checkpoint (bf16, fp32 or FP8).")],
+    out: Annotated[Path, typer.Argument(help="Directory to write the quantized checkpoint into (must be empty).")],
+    quant: Annotated[str, typer.Option("--quant", help=f"Scheme: {'|'.join(SCHEMES)}.")],
+    group_size: Annotated[int, typer.Option(help="int4 group size along K: 32, 64 or 128 (0: default 128).")] = 0,
+    quantize_lm_head: Annotated[bool, typer.Option("--quantize-lm-head", help="Also quantize lm_head.")] = False,
+) -> None:
+    """Quantize a checkpoint, streaming one layer at a time; writes config.json, shards and manifest.json."""
+    try:
+        manifest = convert_checkpoint(hf_dir, out, quant, group_size, quantize_lm_head=quantize_lm_head)
+    except (CheckpointError, QuantizationError) as e:
+        raise _fail(str(e)) from e
+    console.print(f"wrote {manifest['scheme']} checkpoint to {out}")
+    console.print(f"source digest {manifest['source_digest']}", highlight=False, soft_wrap=True)
+    console.print(f"digest        {manifest['digest']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
