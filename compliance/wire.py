@@ -1,0 +1,507 @@
+"""The wire protocol between coordinator and client agents, version 1.
+
+One module, imported by both sides (neither imports the other): the messages, the canonical
+tensor digest, the signed receipt, and their mapping onto Flower's ``RecordDict``.
+
+Messages
+  * :class:`TrainInstruction` (coordinator -> agent): adapter tensors, job id, round, a fresh
+    32-byte nonce, the base-model digest and the job's training config (a JSON-able dict).
+  * :class:`TrainReply` (agent -> coordinator): the trained adapter tensors (B only in FFA
+    mode), metrics ``{loss, records}`` and a :class:`Receipt` signed with the agent's Ed25519 key.
+  * :class:`Refusal` (agent -> coordinator): the agent did not train, with a reason code; signed
+    the same way, so a recorded refusal is attributable.
+
+Tensors cross the wire as safetensors bytes (never pickle). ``tensors_digest`` hashes the
+tensors themselves (sorted names, dtype, shape, raw little-endian bytes), not the file bytes,
+so both sides agree whatever safetensors writer produced the file.
+
+Signed bytes are a domain-separated, length-prefixed binary encoding (see
+:meth:`Receipt.signed_bytes`): no JSON float formatting, no ambiguity between fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import struct
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import safetensors.torch
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from fedtune.compliance.signing import sign_message, verify_signature
+
+if TYPE_CHECKING:
+    from flwr.app import RecordDict
+
+PROTOCOL_VERSION = 1
+NONCE_BYTES = 32
+
+# RecordDict keys and the stype of the single Array holding the safetensors bytes.
+ADAPTER_KEY = "fedtune.adapter"
+INSTRUCTION_KEY = "fedtune.instruction"
+REPLY_KEY = "fedtune.reply"
+REFUSAL_KEY = "fedtune.refusal"
+METRICS_KEY = "fedtune.metrics"
+SAFETENSORS_STYPE = "safetensors"
+
+_RECEIPT_DOMAIN = b"fedtune.receipt\x00"
+_REFUSAL_DOMAIN = b"fedtune.refusal\x00"
+_TENSORS_DOMAIN = b"fedtune.tensors\x00"
+
+# The safetensors names of the dtypes an adapter may carry; the digest hashes these names.
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+class WireError(ValueError):
+    """A message does not follow the wire protocol (missing field, wrong type, bad encoding)."""
+
+
+class ProtocolVersionError(WireError):
+    """The peer speaks another protocol version."""
+
+
+class RefusalReason(StrEnum):
+    """Why an agent did not train (version 1 codes)."""
+
+    BASE_DIGEST_MISMATCH = "base_digest_mismatch"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    PROTOCOL_VERSION = "protocol_version"
+    INVALID_CONFIG = "invalid_config"
+    NO_DATA = "no_data"
+    INTERNAL_ERROR = "internal_error"
+
+
+def new_nonce() -> bytes:
+    """A fresh 32-byte round nonce from the OS CSPRNG."""
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors: encoding and canonical digest
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of ``dtype`` (``F32``, ``BF16``, ...)."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise WireError(f"dtype {dtype} cannot cross the wire; use one of {sorted(_DTYPE_NAMES.values())}") from None
+
+
+def tensors_digest(tensors: Tensors) -> str:
+    """``"sha256:<hex>"`` over the tensors in canonical form.
+
+    For each name in sorted order: the name, the dtype's safetensors name, the shape and the raw
+    little-endian bytes of the values in row-major order, each length-prefixed. Layout (strides,
+    device, storage offset) and the order of the mapping do not change the digest.
+
+    Raises:
+        WireError: a dtype outside the supported set.
+    """
+    if sys.byteorder != "little":  # raw bytes are defined little-endian, as in safetensors
+        raise RuntimeError("tensors_digest is defined on little-endian hosts only")
+    h = hashlib.sha256(_TENSORS_DOMAIN)
+    h.update(struct.pack(">Q", len(tensors)))
+    for name in sorted(tensors):
+        t = tensors[name]
+        _hash_field(h, name.encode("utf-8"))
+        _hash_field(h, dtype_name(t.dtype).encode("ascii"))
+        h.update(struct.pack(">Q", t.dim()))
+        h.update(struct.pack(f">{t.dim()}Q", *t.shape))
+        raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        h.update(struct.pack(">Q", raw.nbytes))
+        h.update(raw.data)
+    return "sha256:" + h.hexdigest()
+
+
+def _hash_field(h: Any, data: bytes) -> None:
+    h.update(struct.pack(">Q", len(data)))
+    h.update(data)
+
+
+def encode_tensors(tensors: Tensors) -> bytes:
+    """The tensors as safetensors bytes (contiguous CPU copies; no pickle)."""
+    for t in tensors.values():
+        dtype_name(t.dtype)
+    return safetensors.torch.save({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()})
+
+
+def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors bytes.
+
+    Raises:
+        WireError: the bytes are not a valid safetensors file or hold an unsupported dtype.
+    """
+    if not isinstance(data, bytes | bytearray):
+        raise WireError(f"tensors must be safetensors bytes, got {type(data).__name__}")
+    try:
+        tensors = safetensors.torch.load(bytes(data))
+    except Exception as e:  # safetensors raises its own SafetensorError; any failure means bad input
+        raise WireError(f"tensors are not a valid safetensors file: {e}") from e
+    for t in tensors.values():
+        dtype_name(t.dtype)
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonical signed bytes
+
+
+def _pack_str(value: str) -> bytes:
+    data = value.encode("utf-8")
+    return struct.pack(">I", len(data)) + data
+
+
+def _pack_bytes(value: bytes) -> bytes:
+    return struct.pack(">I", len(value)) + value
+
+
+def _pack_uint(value: int) -> bytes:
+    if value < 0:
+        raise WireError(f"{value} is negative; expected a count or index")
+    return struct.pack(">Q", value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """Coordinator -> agent: train this adapter for this job and round.
+
+    ``config`` is the job's JSON-able training config (LoRA, FFA, DP, optimizer, ...); its
+    schema belongs to the agent and the coordinator's job config, not to the wire.
+    """
+
+    job_id: str
+    round: int
+    nonce: bytes
+    base_digest: str
+    config: dict[str, Any]
+    adapter: dict[str, torch.Tensor] = field(repr=False)
+    protocol_version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        if len(self.nonce) != NONCE_BYTES:
+            raise WireError(f"nonce has {len(self.nonce)} bytes, the protocol needs {NONCE_BYTES}")
+        if self.round < 0:
+            raise WireError(f"round {self.round} is negative")
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What an agent signs for one round's update.
+
+    ``records`` (the aggregation weight the agent claims) is signed too, so a weight cannot be
+    changed in transit and an inflated one is attributable.
+    """
+
+    job_id: str
+    round: int
+    nonce: bytes
+    client_id: str
+    tensors_digest: str
+    epsilon: float
+    delta: float
+    base_digest: str
+    records: int
+    signature: bytes = field(default=b"", repr=False)
+    protocol_version: int = PROTOCOL_VERSION
+
+    def signed_bytes(self) -> bytes:
+        """The canonical byte string the signature covers.
+
+        ``"fedtune.receipt\\0"``, then the protocol version (u32), job id, round (u64), nonce,
+        client id, tensors digest, epsilon and delta (IEEE-754 binary64), base digest and
+        records (u64); strings UTF-8 and byte strings each prefixed by their length (u32),
+        integers and floats big-endian.
+        """
+        return b"".join([
+            _RECEIPT_DOMAIN,
+            struct.pack(">I", self.protocol_version),
+            _pack_str(self.job_id),
+            _pack_uint(self.round),
+            _pack_bytes(self.nonce),
+            _pack_str(self.client_id),
+            _pack_str(self.tensors_digest),
+            struct.pack(">d", self.epsilon),
+            struct.pack(">d", self.delta),
+            _pack_str(self.base_digest),
+            _pack_uint(self.records),
+        ])
+
+    def verify(self, public_key: Ed25519PublicKey) -> bool:
+        """True exactly when the signature is ``public_key``'s over :meth:`signed_bytes`."""
+        try:
+            message = self.signed_bytes()
+        except (WireError, struct.error):
+            return False
+        return verify_signature(public_key, message, self.signature)
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """Agent -> coordinator: the trained adapter tensors, metrics and the signed receipt."""
+
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    metrics: dict[str, float | int]
+    receipt: Receipt
+
+    @property
+    def client_id(self) -> str:
+        return self.receipt.client_id
+
+    @property
+    def epsilon(self) -> float:
+        return self.receipt.epsilon
+
+    @property
+    def delta(self) -> float:
+        return self.receipt.delta
+
+    @property
+    def records(self) -> int:
+        return self.receipt.records
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Agent -> coordinator: the agent did not train this round, and why."""
+
+    job_id: str
+    round: int
+    nonce: bytes
+    client_id: str
+    reason_code: RefusalReason
+    message: str
+    signature: bytes = field(default=b"", repr=False)
+    protocol_version: int = PROTOCOL_VERSION
+
+    def signed_bytes(self) -> bytes:
+        """``"fedtune.refusal\\0"``, version, job, round, nonce, client, reason code, message (as in
+        :meth:`Receipt.signed_bytes`)."""
+        return b"".join([
+            _REFUSAL_DOMAIN,
+            struct.pack(">I", self.protocol_version),
+            _pack_str(self.job_id),
+            _pack_uint(self.round),
+            _pack_bytes(self.nonce),
+            _pack_str(self.client_id),
+            _pack_str(str(self.reason_code)),
+            _pack_str(self.message),
+        ])
+
+    def verify(self, public_key: Ed25519PublicKey) -> bool:
+        """True exactly when the signature is ``public_key``'s over :meth:`signed_bytes`."""
+        try:
+            message = self.signed_bytes()
+        except (WireError, struct.error):
+            return False
+        return verify_signature(public_key, message, self.signature)
+
+
+def sign_train_reply(
+    instruction: TrainInstruction,
+    *,
+    client_id: str,
+    tensors: Tensors,
+    loss: float,
+    records: int,
+    epsilon: float,
+    delta: float,
+    private_key: Ed25519PrivateKey,
+) -> TrainReply:
+    """The agent's reply to ``instruction``: tensors, metrics and a receipt signed with ``private_key``.
+
+    Args:
+        instruction: the message being answered; its job, round, nonce and base digest are bound.
+        client_id: this agent's registered id.
+        tensors: the adapter tensors to send (B only in FFA mode).
+        loss: mean training loss of the round (a metric, not signed).
+        records: number of local records trained on (the aggregation weight; signed).
+        epsilon, delta: privacy spent by this round's training (signed).
+        private_key: the agent's Ed25519 key, whose public half the coordinator registered.
+    """
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    receipt = Receipt(
+        job_id=instruction.job_id, round=instruction.round, nonce=instruction.nonce, client_id=client_id,
+        tensors_digest=tensors_digest(tensors), epsilon=float(epsilon), delta=float(delta),
+        base_digest=instruction.base_digest, records=int(records),
+    )
+    receipt = _replace_signature(receipt, sign_message(private_key, receipt.signed_bytes()))
+    return TrainReply(tensors=tensors, metrics={"loss": float(loss), "records": int(records)}, receipt=receipt)
+
+
+def sign_refusal(
+    instruction: TrainInstruction,
+    *,
+    client_id: str,
+    reason_code: RefusalReason,
+    message: str,
+    private_key: Ed25519PrivateKey,
+) -> Refusal:
+    """The agent's signed refusal of ``instruction`` (``message`` says why, for the operator)."""
+    refusal = Refusal(job_id=instruction.job_id, round=instruction.round, nonce=instruction.nonce,
+                      client_id=client_id, reason_code=RefusalReason(reason_code), message=message)
+    return _replace_signature(refusal, sign_message(private_key, refusal.signed_bytes()))
+
+
+def _replace_signature(message: Any, signature: bytes) -> Any:
+    return replace(message, signature=signature)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flower RecordDict mapping. flwr is imported inside these functions: everything above (digest,
+# receipts, validation, the offline verifier) works without loading Flower.
+
+
+def _adapter_record(tensors: Tensors) -> Any:
+    from flwr.app import Array, ArrayRecord
+
+    data = encode_tensors(tensors)
+    return ArrayRecord({"safetensors": Array(dtype="uint8", shape=(len(data),), stype=SAFETENSORS_STYPE,
+                                             data=data)})
+
+
+def _tensors_from_record(content: Any) -> dict[str, torch.Tensor]:
+    record = _get(content.array_records, ADAPTER_KEY, "array record")
+    array = _get(record, "safetensors", "array")
+    if array.stype != SAFETENSORS_STYPE:
+        raise WireError(f"adapter array has stype {array.stype!r}, expected {SAFETENSORS_STYPE!r}")
+    return decode_tensors(array.data)
+
+
+def _get(mapping: Any, key: str, what: str) -> Any:
+    try:
+        return mapping[key]
+    except KeyError:
+        raise WireError(f"message has no {what} {key!r}") from None
+
+
+def _field(record: Any, key: str, kind: type | tuple[type, ...]) -> Any:
+    value = _get(record, key, "field")
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise WireError(f"field {key!r} is a bool, expected {kind}")
+    if not isinstance(value, kind):
+        raise WireError(f"field {key!r} is {type(value).__name__}, expected {kind}")
+    return value
+
+
+def _check_version(record: Any) -> None:
+    version = _field(record, "protocol_version", int)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolVersionError(f"peer speaks wire protocol {version}, this side speaks {PROTOCOL_VERSION}")
+
+
+def instruction_to_record_dict(instruction: TrainInstruction) -> RecordDict:
+    """The instruction as a Flower ``RecordDict`` (adapter as safetensors in an ArrayRecord)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict({
+        ADAPTER_KEY: _adapter_record(instruction.adapter),
+        INSTRUCTION_KEY: ConfigRecord({
+            "protocol_version": instruction.protocol_version,
+            "job_id": instruction.job_id,
+            "round": instruction.round,
+            "nonce": instruction.nonce,
+            "base_digest": instruction.base_digest,
+            "config_json": json.dumps(instruction.config, sort_keys=True, allow_nan=False),
+        }),
+    })
+
+
+def instruction_from_record_dict(content: RecordDict) -> TrainInstruction:
+    """Read a :class:`TrainInstruction` from a Flower message's content.
+
+    Raises:
+        ProtocolVersionError: the coordinator speaks another protocol version.
+        WireError: anything missing or malformed.
+    """
+    record = _get(content.config_records, INSTRUCTION_KEY, "config record")
+    _check_version(record)
+    try:
+        config = json.loads(_field(record, "config_json", str))
+    except json.JSONDecodeError as e:
+        raise WireError(f"instruction config is not JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise WireError("instruction config must be a JSON object")
+    return TrainInstruction(
+        job_id=_field(record, "job_id", str), round=_field(record, "round", int),
+        nonce=_field(record, "nonce", bytes), base_digest=_field(record, "base_digest", str),
+        config=config, adapter=_tensors_from_record(content),
+    )
+
+
+def reply_to_record_dict(reply: TrainReply | Refusal) -> RecordDict:
+    """A train reply or a refusal as a Flower ``RecordDict``."""
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    if isinstance(reply, Refusal):
+        return RecordDict({REFUSAL_KEY: ConfigRecord({
+            "protocol_version": reply.protocol_version, "job_id": reply.job_id, "round": reply.round,
+            "nonce": reply.nonce, "client_id": reply.client_id, "reason_code": str(reply.reason_code),
+            "message": reply.message, "signature": reply.signature,
+        })})
+    r = reply.receipt
+    return RecordDict({
+        ADAPTER_KEY: _adapter_record(reply.tensors),
+        METRICS_KEY: MetricRecord(dict(reply.metrics)),
+        REPLY_KEY: ConfigRecord({
+            "protocol_version": r.protocol_version, "job_id": r.job_id, "round": r.round, "nonce": r.nonce,
+            "client_id": r.client_id, "tensors_digest": r.tensors_digest, "epsilon": r.epsilon,
+            "delta": r.delta, "base_digest": r.base_digest, "records": r.records, "signature": r.signature,
+        }),
+    })
+
+
+def reply_from_record_dict(content: RecordDict) -> TrainReply | Refusal:
+    """Read a :class:`TrainReply` or :class:`Refusal` from a Flower message's content.
+
+    Only decodes: the signature and bindings are checked by the coordinator's validation.
+
+    Raises:
+        ProtocolVersionError: the agent speaks another protocol version.
+        WireError: anything missing or malformed.
+    """
+    if REFUSAL_KEY in content.config_records:
+        record = content.config_records[REFUSAL_KEY]
+        _check_version(record)
+        try:
+            reason = RefusalReason(_field(record, "reason_code", str))
+        except ValueError as e:
+            raise WireError(f"unknown refusal reason code {record['reason_code']!r}") from e
+        return Refusal(
+            job_id=_field(record, "job_id", str), round=_field(record, "round", int),
+            nonce=_field(record, "nonce", bytes), client_id=_field(record, "client_id", str),
+            reason_code=reason, message=_field(record, "message", str),
+            signature=_field(record, "signature", bytes),
+        )
+    record = _get(content.config_records, REPLY_KEY, "config record")
+    _check_version(record)
+    receipt = Receipt(
+        job_id=_field(record, "job_id", str), round=_field(record, "round", int),
+        nonce=_field(record, "nonce", bytes), client_id=_field(record, "client_id", str),
+        tensors_digest=_field(record, "tensors_digest", str), epsilon=float(_field(record, "epsilon", (int, float))),
+        delta=float(_field(record, "delta", (int, float))), base_digest=_field(record, "base_digest", str),
+        records=_field(record, "records", int), signature=_field(record, "signature", bytes),
+    )
+    metrics_record = _get(content.metric_records, METRICS_KEY, "metric record")
+    metrics = {str(k): v for k, v in metrics_record.items()}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise WireError(f"metric {key!r} is {type(value).__name__}, expected a number")
+    return TrainReply(tensors=_tensors_from_record(content), metrics=metrics, receipt=receipt)

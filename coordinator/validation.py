@@ -1,0 +1,309 @@
+"""Validating client replies before aggregation: plain functions, no Flower and no database.
+
+Every reply ends as :class:`Accepted`, :class:`Refused` (a signed, bound refusal from the agent)
+or :class:`Rejected` with a :class:`RejectReason` code for the audit trail. Checks, in order:
+
+1. protocol version; 2. known client; 3. not revoked; 4. signature with the registered key;
+5. binding to this job, round, nonce and base digest (replays from an earlier round or another
+job fail here: their signatures are valid, their bindings are not); 6. one reply per client;
+7. the signed digest matches the tensors received; 8. privacy claim and metrics well-formed;
+9. tensor names, shapes, dtypes; 10. finite values; 11. update norm ``||new - current||`` within
+the bound.
+
+Signature and binding come before the duplicate check so that a forged or replayed message
+cannot use up a client's one reply of the round: :func:`validate_replies` counts a client as
+seen only once a reply of theirs passed 1-5.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Set
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from fedtune.compliance.signing import KeyFormatError, decode_public_key
+from fedtune.compliance.wire import (
+    PROTOCOL_VERSION,
+    ProtocolVersionError,
+    Refusal,
+    RefusalReason,
+    TrainReply,
+    WireError,
+    reply_from_record_dict,
+    tensors_digest,
+)
+
+
+class RejectReason(StrEnum):
+    """Why a reply was not aggregated (stable codes: they go into the audit trail)."""
+
+    MALFORMED = "malformed"
+    PROTOCOL_VERSION = "protocol_version"
+    UNKNOWN_CLIENT = "unknown_client"
+    REVOKED_CLIENT = "revoked_client"
+    BAD_SIGNATURE = "bad_signature"
+    WRONG_JOB = "wrong_job"
+    WRONG_ROUND = "wrong_round"
+    WRONG_NONCE = "wrong_nonce"
+    WRONG_BASE = "wrong_base"
+    DUPLICATE = "duplicate"
+    DIGEST_MISMATCH = "digest_mismatch"
+    BAD_PRIVACY_CLAIM = "bad_privacy_claim"
+    EPSILON_OVER_TARGET = "epsilon_over_target"
+    BAD_METRICS = "bad_metrics"
+    WRONG_TENSORS = "wrong_tensors"
+    WRONG_SHAPE = "wrong_shape"
+    WRONG_DTYPE = "wrong_dtype"
+    NON_FINITE = "non_finite"
+    NORM_EXCEEDED = "norm_exceeded"
+
+
+# Reasons found before a reply is known to be the client's own for this round: such a reply
+# does not use up the client's one reply (see validate_replies).
+_UNAUTHENTICATED_REASONS = frozenset({
+    RejectReason.MALFORMED, RejectReason.PROTOCOL_VERSION, RejectReason.UNKNOWN_CLIENT,
+    RejectReason.REVOKED_CLIENT, RejectReason.BAD_SIGNATURE, RejectReason.WRONG_JOB, RejectReason.WRONG_ROUND,
+    RejectReason.WRONG_NONCE, RejectReason.WRONG_BASE, RejectReason.DUPLICATE,
+})
+
+
+@dataclass(frozen=True)
+class RegisteredClient:
+    """What the store knows about a client: its public key and status (``active`` / ``revoked``)."""
+
+    public_key: Ed25519PublicKey | str
+    status: str = "active"
+
+
+@dataclass(frozen=True)
+class RoundExpectation:
+    """What every reply in one round must match.
+
+    Attributes:
+        job_id, round, nonce, base_digest: the values sent in this round's TrainInstruction.
+        current: exactly the tensors a reply must carry (FFA: the B tensors only) at their
+            current values; names, shapes and dtypes are the spec, and the update norm is
+            measured against the values.
+        norm_bound: maximum L2 norm of ``new - current`` over all tensors; None for no bound.
+        max_epsilon: maximum epsilon a reply may claim for the round; None for no limit.
+    """
+
+    job_id: str
+    round: int
+    nonce: bytes
+    base_digest: str
+    current: Mapping[str, torch.Tensor] = field(repr=False)
+    norm_bound: float | None = None
+    max_epsilon: float | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A reply fit for aggregation."""
+
+    client_id: str
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    records: int
+    epsilon: float
+    delta: float
+    digest: str
+    update_norm: float
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A signed refusal bound to this round: the agent did not train, and said why."""
+
+    client_id: str
+    reason_code: RefusalReason
+    message: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A reply that is not aggregated. ``client_id`` is the id the reply claimed (None if unreadable)."""
+
+    client_id: str | None
+    reason_code: RejectReason
+    message: str
+
+    @property
+    def authenticated(self) -> bool:
+        """The reply was signed by the client and bound to this round: it counts as their reply."""
+        return self.reason_code not in _UNAUTHENTICATED_REASONS
+
+
+Outcome = Accepted | Refused | Rejected
+
+
+def validate_reply(
+    reply: TrainReply | Refusal,
+    *,
+    expected: RoundExpectation,
+    clients: Mapping[str, RegisteredClient],
+    seen_clients: Set[str] = frozenset(),
+) -> Outcome:
+    """Check one decoded reply against the round (see the module docstring for the checks).
+
+    Args:
+        reply: a decoded TrainReply or Refusal.
+        expected: the round's job, round, nonce, base digest, tensors and bounds.
+        clients: registered clients by id.
+        seen_clients: clients that already have a reply counted in this round.
+
+    Returns:
+        Accepted, Refused or Rejected(reason_code, message).
+    """
+    client_id = reply.client_id
+    head = reply if isinstance(reply, Refusal) else reply.receipt
+    if head.protocol_version != PROTOCOL_VERSION:
+        return Rejected(client_id, RejectReason.PROTOCOL_VERSION,
+                        f"reply speaks protocol {head.protocol_version}, coordinator speaks {PROTOCOL_VERSION}")
+    client = clients.get(client_id)
+    if client is None:
+        return Rejected(client_id, RejectReason.UNKNOWN_CLIENT, f"client {client_id!r} is not registered")
+    if client.status != "active":
+        return Rejected(client_id, RejectReason.REVOKED_CLIENT, f"client {client_id!r} is {client.status}")
+    if not _signature_valid(head, client.public_key):
+        return Rejected(client_id, RejectReason.BAD_SIGNATURE,
+                        f"signature does not verify with the key registered for {client_id!r}")
+    binding = _check_binding(head, expected)
+    if binding is not None:
+        return Rejected(client_id, *binding)
+    if client_id in seen_clients:
+        return Rejected(client_id, RejectReason.DUPLICATE, f"client {client_id!r} already replied in this round")
+    if isinstance(reply, Refusal):
+        return Refused(client_id, reply.reason_code, reply.message)
+    return _check_update(reply, expected)
+
+
+def validate_replies(
+    replies: Iterable[TrainReply | Refusal | Rejected],
+    *,
+    expected: RoundExpectation,
+    clients: Mapping[str, RegisteredClient],
+) -> list[Outcome]:
+    """Validate a round's replies in arrival order, enforcing one reply per client.
+
+    ``replies`` may contain Rejected outcomes already (from :func:`decode_reply`); they pass
+    through unchanged. A client counts as seen once a reply of theirs was authenticated and
+    bound to this round, whatever its outcome after that.
+    """
+    seen: set[str] = set()
+    outcomes: list[Outcome] = []
+    for reply in replies:
+        outcome = reply if isinstance(reply, Rejected) else validate_reply(
+            reply, expected=expected, clients=clients, seen_clients=seen)
+        if not isinstance(outcome, Rejected) or outcome.authenticated:
+            assert outcome.client_id is not None
+            seen.add(outcome.client_id)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def decode_reply(content: Any) -> TrainReply | Refusal | Rejected:
+    """Decode a Flower message's content; a message that cannot be decoded becomes Rejected."""
+    try:
+        return reply_from_record_dict(content)
+    except ProtocolVersionError as e:
+        return Rejected(_claimed_client_id(content), RejectReason.PROTOCOL_VERSION, str(e))
+    except WireError as e:
+        return Rejected(_claimed_client_id(content), RejectReason.MALFORMED, str(e))
+
+
+def _claimed_client_id(content: Any) -> str | None:
+    for record in getattr(content, "config_records", {}).values():
+        value = record.get("client_id") if hasattr(record, "get") else None
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _signature_valid(head: Any, public_key: Ed25519PublicKey | str) -> bool:
+    if isinstance(public_key, str):
+        try:
+            public_key = decode_public_key(public_key)
+        except KeyFormatError:
+            return False
+    return head.verify(public_key)
+
+
+def _check_binding(head: Any, expected: RoundExpectation) -> tuple[RejectReason, str] | None:
+    if head.job_id != expected.job_id:
+        return RejectReason.WRONG_JOB, f"reply is for job {head.job_id!r}, this round is job {expected.job_id!r}"
+    if head.round != expected.round:
+        return RejectReason.WRONG_ROUND, f"reply is for round {head.round}, this is round {expected.round}"
+    if head.nonce != expected.nonce:
+        return RejectReason.WRONG_NONCE, "reply is bound to another nonce than this round's"
+    if not isinstance(head, Refusal) and head.base_digest != expected.base_digest:
+        return RejectReason.WRONG_BASE, (f"reply was trained on base {head.base_digest!r}, the job's base is "
+                                         f"{expected.base_digest!r}")
+    return None
+
+
+def _check_update(reply: TrainReply, expected: RoundExpectation) -> Accepted | Rejected:
+    client_id, receipt, tensors = reply.client_id, reply.receipt, reply.tensors
+    try:
+        digest = tensors_digest(tensors)
+    except WireError as e:
+        return Rejected(client_id, RejectReason.WRONG_DTYPE, str(e))
+    if digest != receipt.tensors_digest:
+        return Rejected(client_id, RejectReason.DIGEST_MISMATCH,
+                        f"tensors hash to {digest}, the signed receipt says {receipt.tensors_digest}")
+    problem = _check_claims(reply, expected)
+    if problem is None:
+        problem = _check_tensor_specs(tensors, expected.current)
+    if problem is not None:
+        return Rejected(client_id, *problem)
+    norm = update_norm(tensors, expected.current)
+    if expected.norm_bound is not None and not norm <= expected.norm_bound:
+        return Rejected(client_id, RejectReason.NORM_EXCEEDED,
+                        f"update norm {norm:.6g} exceeds the bound {expected.norm_bound:.6g}")
+    return Accepted(client_id=client_id, tensors=dict(tensors), records=receipt.records, epsilon=receipt.epsilon,
+                    delta=receipt.delta, digest=digest, update_norm=norm, metrics=dict(reply.metrics))
+
+
+def _check_claims(reply: TrainReply, expected: RoundExpectation) -> tuple[RejectReason, str] | None:
+    eps, delta = reply.receipt.epsilon, reply.receipt.delta
+    if not (math.isfinite(eps) and eps >= 0 and math.isfinite(delta) and 0 <= delta < 1):
+        return RejectReason.BAD_PRIVACY_CLAIM, f"epsilon={eps}, delta={delta}: need epsilon >= 0 and 0 <= delta < 1"
+    if expected.max_epsilon is not None and eps > expected.max_epsilon:
+        return RejectReason.EPSILON_OVER_TARGET, f"epsilon {eps:.6g} exceeds the round's target {expected.max_epsilon}"
+    records, loss = reply.metrics.get("records"), reply.metrics.get("loss")
+    if records != reply.receipt.records or reply.receipt.records < 1:
+        return RejectReason.BAD_METRICS, (f"records: metrics say {records!r}, the signed receipt says "
+                                          f"{reply.receipt.records}; need the same positive count")
+    if not isinstance(loss, int | float) or isinstance(loss, bool) or not math.isfinite(loss):
+        return RejectReason.BAD_METRICS, f"loss {loss!r} is not a finite number"
+    return None
+
+
+def _check_tensor_specs(tensors: Mapping[str, torch.Tensor],
+                        current: Mapping[str, torch.Tensor]) -> tuple[RejectReason, str] | None:
+    missing, extra = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
+    if missing or extra:
+        return RejectReason.WRONG_TENSORS, f"missing tensors {missing[:5]}, unexpected tensors {extra[:5]}"
+    for name, ref in current.items():
+        t = tensors[name]
+        if t.shape != ref.shape:
+            return RejectReason.WRONG_SHAPE, f"{name}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
+        if t.dtype != ref.dtype:
+            return RejectReason.WRONG_DTYPE, f"{name}: dtype {t.dtype}, expected {ref.dtype}"
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return RejectReason.NON_FINITE, f"{name} holds NaN or infinite values"
+    return None
+
+
+def update_norm(new: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> float:
+    """Global L2 norm of ``new - current`` over all tensors (computed in float64)."""
+    total = 0.0
+    for name, ref in current.items():
+        diff = new[name].to(torch.float64) - ref.to(torch.float64)
+        total += float(torch.dot(diff.reshape(-1), diff.reshape(-1)))
+    return math.sqrt(total)

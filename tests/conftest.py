@@ -1,0 +1,50 @@
+"""Fixtures shared across the test tree.
+
+``database_url``: every store test runs on SQLite (a temporary file) and, when
+``FEDTUNE_TEST_DATABASE_URL`` is set (e.g. ``postgresql+psycopg://postgres@127.0.0.1:5432/test``),
+on PostgreSQL too, each test in a fresh schema dropped afterwards. A set but unreachable server
+fails the test: CI sets the variable, and a silently skipped PostgreSQL run would hide that.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+PG_ENV = "FEDTUNE_TEST_DATABASE_URL"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """A database URL for an empty database (not yet migrated)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'coordinator.db'}"
+        return
+    base_url = os.environ.get(PG_ENV)
+    if not base_url:
+        pytest.skip(f"{PG_ENV} not set: PostgreSQL store tests skipped")
+    yield from _postgres_schema_url(base_url)
+
+
+def _postgres_schema_url(base_url: str):
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    schema = f"fedtune_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base_url)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except OperationalError as e:
+        admin.dispose()
+        pytest.fail(f"{PG_ENV}={base_url} is set but the PostgreSQL server is not reachable: {e}")
+    url = make_url(base_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
