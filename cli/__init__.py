@@ -3,6 +3,7 @@
 import typer
 
 from fedtune.cli.demo import demo
+from fedtune.client_agent.cli import app as agent_app
 from fedtune.model.cli import app as model_app
 
 app = typer.Typer(
@@ -11,4 +12,5 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(model_app, name="model")
+app.add_typer(agent_app, name="agent")
 app.command()(demo)

@@ -1,0 +1,78 @@
+"""`fedtune agent train-local` and `fedtune agent budget`: the lifetime budget gates training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fedtune.cli import app
+from fedtune.client_agent.ledger import PrivacyLedger
+from fedtune.client_agent.privacy import epsilon_for
+from fedtune.model import DeepseekForCausalLM, init_weights, save_pretrained
+from fedtune.model.config import PRESETS
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = DeepseekForCausalLM(PRESETS["tiny"])
+    init_weights(model, 0)
+    save_pretrained(model, tmp_path / "base")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"memo {i} ->", "completion": " food"}) + "\n" for i in range(40)))
+    state = tmp_path / "state"
+    assert runner.invoke(app, ["agent", "budget", "set", "--dataset", "memos", "--epsilon", "5", "--delta", "1e-4",
+                               "--state-dir", str(state)]).exit_code == 0
+    return tmp_path, data, state
+
+
+def _train(tmp_path, data, state, out, epsilon, *extra):
+    return runner.invoke(app, ["agent", "train-local", "--base", str(tmp_path / "base"), "--data", str(data),
+                               "--out", str(out), "--epsilon", str(epsilon), "--delta", "1e-5", "--steps", "2",
+                               "--batch-size", "8", "--max-len", "32", "--dataset-id", "memos",
+                               "--state-dir", str(state), "--no-secure-mode", *extra])
+
+
+@pytest.mark.slow
+def test_train_local_writes_peft_adapter_and_report_and_settles_the_ledger(setup):
+    tmp_path, data, state = setup
+    result = _train(tmp_path, data, state, tmp_path / "out", 3.0)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    # The reported epsilon is Opacus' accountant for the (q, sigma, steps) used, and within the target.
+    assert report["epsilon"] == pytest.approx(epsilon_for(8 / 40, report["noise_multiplier"], 2, 1e-5, "rdp"))
+    assert report["epsilon"] <= 3.0 and report["steps"] == 2
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    with PrivacyLedger(state / "ledger.db") as ledger:
+        (run,) = ledger.runs("memos")
+        assert run["status"] == "completed" and run["epsilon"] == pytest.approx(report["epsilon"])
+
+    # A second run of 3 would pass the lifetime budget of 5: refused before anything trains.
+    refused = _train(tmp_path, data, state, tmp_path / "out2", 3.0)
+    assert refused.exit_code == 3
+    assert "refusing to train" in refused.output and "remaining epsilon=2" in refused.output
+    assert not (tmp_path / "out2").exists()
+    with PrivacyLedger(state / "ledger.db") as ledger:
+        assert len(ledger.runs("memos")) == 1
+
+
+def test_bad_data_line_is_named_and_nothing_is_reserved(setup):
+    tmp_path, data, state = setup
+    data.write_text(data.read_text() + '{"prompt": "x"}\n')
+    result = _train(tmp_path, data, state, tmp_path / "out", 1.0)
+    assert result.exit_code == 2 and ":41" in result.output.replace("line ", ":")
+    with PrivacyLedger(state / "ledger.db") as ledger:
+        assert ledger.runs("memos") == []
+
+
+def test_no_budget_refuses(setup):
+    tmp_path, data, state = setup
+    result = runner.invoke(app, ["agent", "train-local", "--base", str(tmp_path / "base"), "--data", str(data),
+                                 "--out", str(tmp_path / "o"), "--steps", "1", "--batch-size", "8",
+                                 "--state-dir", str(state)])
+    assert result.exit_code == 3 and "has no privacy budget" in result.output
+    assert not (tmp_path / "o").exists()
