@@ -1,0 +1,154 @@
+"""Agent-side processes: the agent daemon (``daemon.py``) and its Flower SuperNode.
+
+:func:`start_agent` starts the daemon (which loads the base once and writes its endpoint file when
+ready), then ``flower-supernode`` with ``--node-config "agent-endpoint='<endpoint file>'"`` and its
+own ClientAppIo port. TLS (``root_cert``) and node authentication (``auth_private_key``, an ECDSA
+P-384 key from ``ssh-keygen -t ecdsa -b 384 -N ""``) are optional; without TLS the SuperNode runs
+``--insecure`` (loopback tests only).
+
+Process helpers (spawn, ports, stop) are the coordinator's :mod:`fedtune.coordinator.superlink`
+ones' twins, kept here so the agent side does not import the coordinator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.client_agent.daemon import ENDPOINT_FILE
+
+
+def _bin(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class AgentProcesses:
+    """One agent's daemon and SuperNode; :meth:`stop` stops the SuperNode first, then the daemon."""
+
+    client_id: str
+    daemon: subprocess.Popen
+    supernode: subprocess.Popen | None
+    state_dir: Path
+
+    @property
+    def endpoint_file(self) -> Path:
+        return self.state_dir / ENDPOINT_FILE
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        for proc in (self.supernode, self.daemon):
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        parts = []
+        for name in ("daemon.log", "supernode.log"):
+            with contextlib.suppress(OSError):
+                parts.append(f"--- {name}\n" + (self.state_dir / name).read_text(errors="replace")[-chars:])
+        return "\n".join(parts)
+
+
+def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+
+
+def start_daemon(*, client_id: str, base: Path, key: Path, data: Path, state_dir: Path,
+                 budget_epsilon: float | None = None, budget_delta: float | None = None,
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``python -m fedtune.client_agent.daemon``; the endpoint file appears when it is ready."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / ENDPOINT_FILE).unlink(missing_ok=True)
+    args = [sys.executable, "-m", "fedtune.client_agent.daemon", "--client-id", client_id, "--base", str(base),
+            "--key", str(key), "--data", str(data), "--state-dir", str(state_dir)]
+    if budget_epsilon is not None:
+        args += ["--budget-epsilon", str(budget_epsilon), "--budget-delta", str(budget_delta or 1e-5)]
+    args += extra_args or []
+    return _spawn(args, state_dir / "daemon.log", {**os.environ, **(env or {})})
+
+
+def wait_for_endpoint(state_dir: Path, proc: subprocess.Popen, timeout_s: float = 180.0) -> Path:
+    """Wait until the daemon wrote its endpoint file.
+
+    Raises:
+        RuntimeError: the daemon exited or did not get ready in time.
+    """
+    path = state_dir / ENDPOINT_FILE
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path
+        if proc.poll() is not None:
+            raise RuntimeError(f"agent daemon exited with {proc.returncode}:\n"
+                               f"{(state_dir / 'daemon.log').read_text(errors='replace')[-3000:]}")
+        time.sleep(0.3)
+    raise RuntimeError(f"agent daemon not ready after {timeout_s} s")
+
+
+def start_supernode(*, superlink_port: int, endpoint_file: Path, state_dir: Path, flwr_home: Path,
+                    root_cert: Path | None = None, auth_private_key: Path | None = None,
+                    auth_public_key: Path | None = None, clientappio_port: int | None = None) -> subprocess.Popen:
+    """Start ``flower-supernode`` connected to the SuperLink on 127.0.0.1:``superlink_port``."""
+    args = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{superlink_port}",
+            "--port", str(clientappio_port or _free_port()),
+            "--node-config", f"agent-endpoint='{endpoint_file}'"]
+    args += ["--root-certificates", str(root_cert)] if root_cert else ["--insecure"]
+    if auth_private_key is not None:
+        args += ["--auth-supernode-private-key", str(auth_private_key)]
+        if auth_public_key is not None:
+            args += ["--auth-supernode-public-key", str(auth_public_key)]
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1",
+           # flower-supernode starts flower-superexec / flwr-clientapp by name: find this venv's
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    return _spawn(args, state_dir / "supernode.log", env)
+
+
+def start_agent(*, client_id: str, base: Path, key: Path, data: Path, state_dir: Path, superlink_port: int,
+                budget_epsilon: float | None = None, budget_delta: float | None = None,
+                root_cert: Path | None = None, auth_private_key: Path | None = None,
+                auth_public_key: Path | None = None, daemon_args: list[str] | None = None,
+                wait: bool = True) -> AgentProcesses:
+    """Start one agent: its daemon, then (once the daemon is ready, if ``wait``) its SuperNode."""
+    daemon = start_daemon(client_id=client_id, base=base, key=key, data=data, state_dir=state_dir,
+                          budget_epsilon=budget_epsilon, budget_delta=budget_delta, extra_args=daemon_args)
+    agent = AgentProcesses(client_id, daemon, None, state_dir)
+    if wait:
+        attach_supernode(agent, superlink_port=superlink_port, root_cert=root_cert,
+                         auth_private_key=auth_private_key, auth_public_key=auth_public_key)
+    return agent
+
+
+def attach_supernode(agent: AgentProcesses, *, superlink_port: int, root_cert: Path | None = None,
+                     auth_private_key: Path | None = None, auth_public_key: Path | None = None) -> None:
+    """Wait for the agent's daemon, then start its SuperNode."""
+    try:
+        endpoint = wait_for_endpoint(agent.state_dir, agent.daemon)
+        agent.supernode = start_supernode(superlink_port=superlink_port, endpoint_file=endpoint,
+                                          state_dir=agent.state_dir, flwr_home=agent.state_dir / "flwr-home",
+                                          root_cert=root_cert, auth_private_key=auth_private_key,
+                                          auth_public_key=auth_public_key)
+    except BaseException:
+        agent.stop()
+        raise

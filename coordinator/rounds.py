@@ -1,0 +1,601 @@
+"""The round engine: plain functions over the SQL store, with the network behind a small protocol.
+
+The Flower ServerApp (``server_app.py``) only adapts Flower's Grid to :class:`RoundTransport`
+and calls :func:`run_job`; tests drive the same code with an in-memory transport.
+
+One round:
+
+1. read the job, its newest adapter version (decrypted, digest checked) and the registered clients;
+2. select eligible clients: in the job's client list (if any), registered, active, connected, and
+   with record-level budget left when the job sets ``max_client_epsilon``;
+3. send one :class:`~fedtune.compliance.wire.TrainInstruction` (fresh nonce) and collect replies
+   with the job's timeout;
+4. validate every reply (:func:`fedtune.coordinator.validation.validate_replies`);
+5. quorum (the job's ``min_clients`` accepted updates) or the round fails;
+6. aggregate with the job's strategy (:data:`fedtune.coordinator.aggregation.AGGREGATORS`);
+7. write the new adapter blob (encrypted, fsynced), then ONE transaction: the round row, update
+   rows, privacy-ledger rows, the adapter version and the audit events.
+
+Crash safety: nothing is written before step 7, and step 7 is one transaction. A crash before
+the commit leaves the before-state (plus, at most, a blob file no row names: an orphan that
+:func:`collect_orphan_blobs` deletes at start-up); a crash after it leaves the after-state. The
+round number is taken again by the next attempt with a fresh nonce, so replies to the crashed
+attempt fail validation as ``wrong_nonce``. The commit re-checks that its parent version is still
+the newest, so two coordinators on one job cannot both append a version.
+
+Job config (``jobs.config``, JSON) read here::
+
+    {"rounds": 2, "min_clients": 2, "clients": ["bank-a", ...],          # clients optional
+     "aggregation": {"method": "ffa", ...},                             # AggregationConfig fields
+     "norm_bound": 10.0, "round_timeout_s": 600, "max_failed_rounds": 3,
+     "max_client_epsilon": null, "client_level_delta": 1e-5,
+     "train": {"lora": {...}, "train": {...}, "privacy": {...}}}        # sent to agents as is
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from fedtune.compliance.wire import (
+    Refusal,
+    TrainInstruction,
+    TrainReply,
+    decode_tensors,
+    encode_tensors,
+    new_nonce,
+)
+from fedtune.coordinator.aggregation import (
+    AggregationConfig,
+    AggregationError,
+    ClientUpdate,
+    aggregate,
+    client_level_epsilon,
+)
+from fedtune.coordinator.encryption import BlobKey, read_encrypted_blob, write_encrypted_blob
+from fedtune.coordinator.store import (
+    AdapterVersion,
+    Client,
+    Job,
+    PrivacyLedgerEntry,
+    Round,
+    Update,
+    append_audit_event,
+)
+from fedtune.coordinator.validation import (
+    Accepted,
+    Outcome,
+    Refused,
+    RegisteredClient,
+    Rejected,
+    RoundExpectation,
+    validate_replies,
+)
+
+log = logging.getLogger(__name__)
+
+ACTOR_TYPE = "coordinator"
+ACTOR_ID = "round-engine"
+BLOB_SUFFIX = ".ftb"
+
+Reply = TrainReply | Refusal | Rejected
+
+
+class RoundEngineError(RuntimeError):
+    """The job cannot run a round (missing job, no initial version, finished, concurrent writer)."""
+
+
+class RoundTransport(Protocol):
+    """How the engine reaches the agents (Flower in production, a fake in tests)."""
+
+    def connected_clients(self) -> set[str]:
+        """Client ids of the agents reachable now (their own claim; replies are still verified)."""
+        ...
+
+    def train(self, instruction: TrainInstruction, client_ids: list[str], timeout_s: float) -> list[Reply]:
+        """Send ``instruction`` to each client and return the decoded replies that arrived in time
+        (undecodable ones as :class:`Rejected`), in arrival order."""
+        ...
+
+
+@dataclass(frozen=True)
+class CoordinatorContext:
+    """What the engine needs: a session factory (use ``immediate=True`` on SQLite), the blob
+    directory and the blob key."""
+
+    sessions: sessionmaker[Session]
+    blob_dir: Path
+    blob_key: BlobKey = field(repr=False)
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """The round engine's view of a job's config (see the module docstring)."""
+
+    rounds: int
+    min_clients: int
+    clients: tuple[str, ...] | None
+    aggregation: AggregationConfig
+    norm_bound: float | None
+    round_timeout_s: float
+    max_failed_rounds: int
+    max_client_epsilon: float | None
+    client_level_delta: float
+    train: dict[str, Any]
+
+    @property
+    def max_epsilon(self) -> float | None:
+        """The per-round epsilon a reply may claim: the job's DP target."""
+        target = self.train.get("privacy", {}).get("target_epsilon")
+        return float(target) if target is not None else None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> JobPlan:
+        """Raises ValueError naming the bad field."""
+        try:
+            plan = cls(
+                rounds=int(config["rounds"]), min_clients=int(config.get("min_clients", 1)),
+                clients=tuple(config["clients"]) if config.get("clients") else None,
+                aggregation=AggregationConfig(**config.get("aggregation", {})),
+                norm_bound=_optional_float(config.get("norm_bound")),
+                round_timeout_s=float(config.get("round_timeout_s", 600.0)),
+                max_failed_rounds=int(config.get("max_failed_rounds", 3)),
+                max_client_epsilon=_optional_float(config.get("max_client_epsilon")),
+                client_level_delta=float(config.get("client_level_delta", 1e-5)),
+                train=dict(config.get("train", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"job config is not usable by the round engine: {e!r}") from e
+        if plan.rounds < 1 or plan.min_clients < 1:
+            raise ValueError(f"job config: rounds ({plan.rounds}) and min_clients ({plan.min_clients}) must be >= 1")
+        return plan
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass
+class RoundResult:
+    """What a round did (also what the benchmark reads)."""
+
+    job_id: str
+    number: int
+    status: str  # completed | failed
+    version: int | None = None
+    failure_reason: str | None = None
+    selected: list[str] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)
+    rejected: list[tuple[str | None, str]] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    client_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    upload_bytes: dict[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blobs and versions
+
+
+def adapter_associated_data(job_id: str, version: int) -> bytes:
+    """AES-GCM associated data binding a blob to its (job, version) row."""
+    return f"fedtune.adapter:{job_id}:{version}".encode()
+
+
+def _blob_name(job_id: str, version: int) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in job_id)
+    return f"{safe}-v{version:05d}-{secrets.token_hex(4)}{BLOB_SUFFIX}"
+
+
+def write_adapter_blob(ctx: CoordinatorContext, job_id: str, version: int,
+                       tensors: Mapping[str, torch.Tensor]) -> tuple[str, str, int]:
+    """Encrypt and write an adapter; returns (blob file name, plaintext digest, plaintext size).
+    Call before the transaction that names it."""
+    ctx.blob_dir.mkdir(parents=True, exist_ok=True)
+    plaintext = encode_tensors(tensors)
+    name = _blob_name(job_id, version)
+    digest = write_encrypted_blob(ctx.blob_dir / name, plaintext, ctx.blob_key,
+                                  associated_data=adapter_associated_data(job_id, version))
+    return name, digest, len(plaintext)
+
+
+def read_adapter_version(ctx: CoordinatorContext, row: AdapterVersion) -> dict[str, torch.Tensor]:
+    """The decrypted tensors of a version; the plaintext digest is checked against the row.
+
+    Raises:
+        BlobKeyError, BlobIntegrityError: wrong key, tampered blob or digest mismatch.
+    """
+    plaintext = read_encrypted_blob(ctx.blob_dir / row.blob_path, ctx.blob_key,
+                                    associated_data=adapter_associated_data(row.job_id, row.version),
+                                    expected_digest=row.digest)
+    return decode_tensors(plaintext)
+
+
+def create_initial_version(ctx: CoordinatorContext, job_id: str, tensors: Mapping[str, torch.Tensor]) -> int:
+    """Write version 0 of a job's adapter (the exchanged tensors at their initial values; FFA: B
+    only), with its audit event. Returns the version row id.
+
+    Raises:
+        RoundEngineError: the job does not exist or already has a version.
+    """
+    name, digest, size = write_adapter_blob(ctx, job_id, 0, tensors)
+    try:
+        with ctx.sessions.begin() as s:
+            if s.get(Job, job_id) is None:
+                raise RoundEngineError(f"job {job_id!r} does not exist")
+            if _latest_version(s, job_id) is not None:
+                raise RoundEngineError(f"job {job_id!r} already has adapter versions")
+            row = AdapterVersion(job_id=job_id, version=0, round_id=None, parent_id=None, blob_path=name,
+                                 digest=digest, size_bytes=size, aggregation=None, contributors=[],
+                                 metrics={"tensors": len(tensors)})
+            s.add(row)
+            s.flush()
+            append_audit_event(s, action="adapter_version.created", actor_type=ACTOR_TYPE, actor_id=ACTOR_ID,
+                               resource_type="adapter_version", resource_id=f"{job_id}/v0", outcome="success",
+                               context={"job_id": job_id, "version": 0, "digest": digest, "initial": True})
+            return row.id
+    except BaseException:
+        (ctx.blob_dir / name).unlink(missing_ok=True)
+        raise
+
+
+def collect_orphan_blobs(ctx: CoordinatorContext) -> list[Path]:
+    """Delete blob files that no adapter-version row names (a crash between writing a blob and
+    committing its round), and half-written temporary files. Run at start-up, before rounds:
+    a concurrently running round's blob would look orphaned too. Returns the deleted paths."""
+    if not ctx.blob_dir.exists():
+        return []
+    with ctx.sessions() as s:
+        named = set(s.execute(select(AdapterVersion.blob_path)).scalars())
+    deleted = []
+    for path in sorted(ctx.blob_dir.iterdir()):
+        is_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
+        if (path.suffix == BLOB_SUFFIX and path.name not in named) or is_tmp:
+            log.warning("deleting orphan adapter blob %s (no adapter_versions row names it)", path)
+            path.unlink()
+            deleted.append(path)
+    return deleted
+
+
+def _latest_version(s: Session, job_id: str) -> AdapterVersion | None:
+    return s.execute(select(AdapterVersion).where(AdapterVersion.job_id == job_id)
+                     .order_by(AdapterVersion.version.desc()).limit(1)).scalar_one_or_none()
+
+
+def _next_round_number(s: Session, job_id: str) -> int:
+    last = s.execute(select(func.max(Round.number)).where(Round.job_id == job_id)).scalar_one()
+    return 1 if last is None else last + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection
+
+
+def registered_clients(s: Session) -> dict[str, RegisteredClient]:
+    """Every registered client (active and revoked): what validation checks replies against."""
+    return {c.id: RegisteredClient(public_key=c.public_key, status=c.status)
+            for c in s.execute(select(Client)).scalars()}
+
+
+def client_epsilon_spent(s: Session, job_id: str) -> dict[str, float]:
+    """Record-level epsilon per client summed over the job's completed rounds (basic composition)."""
+    rows = s.execute(select(PrivacyLedgerEntry.client_id, func.sum(PrivacyLedgerEntry.epsilon))
+                     .where(PrivacyLedgerEntry.job_id == job_id, PrivacyLedgerEntry.kind == "record_level")
+                     .group_by(PrivacyLedgerEntry.client_id)).all()
+    return {client_id: float(eps) for client_id, eps in rows}
+
+
+def eligible_clients(plan: JobPlan, clients: Mapping[str, RegisteredClient], spent: Mapping[str, float]) -> list[str]:
+    """Registered, active, in the job's list (if it has one), with budget left for one more round."""
+    wanted = plan.clients if plan.clients is not None else tuple(sorted(clients))
+    out = []
+    for client_id in wanted:
+        client = clients.get(client_id)
+        if client is None or client.status != "active":
+            continue
+        if plan.max_client_epsilon is not None:
+            planned = plan.max_epsilon or 0.0
+            if spent.get(client_id, 0.0) + planned > plan.max_client_epsilon + 1e-12:
+                continue
+        out.append(client_id)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One round
+
+
+@dataclass(frozen=True)
+class _RoundStart:
+    job_id: str
+    plan: JobPlan
+    base_digest: str
+    number: int
+    parent: AdapterVersion
+    current: dict[str, torch.Tensor]
+    clients: dict[str, RegisteredClient]
+    eligible: list[str]
+
+
+def _load_round_start(ctx: CoordinatorContext, job_id: str) -> _RoundStart:
+    with ctx.sessions() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise RoundEngineError(f"job {job_id!r} does not exist")
+        if job.status in ("completed", "failed", "aborted"):
+            raise RoundEngineError(f"job {job_id!r} is {job.status}")
+        plan = JobPlan.from_config(job.config)
+        parent = _latest_version(s, job_id)
+        if parent is None:
+            raise RoundEngineError(f"job {job_id!r} has no adapter version 0; create it with create_initial_version")
+        clients = registered_clients(s)
+        eligible = eligible_clients(plan, clients, client_epsilon_spent(s, job_id))
+        start = _RoundStart(job_id=job_id, plan=plan, base_digest=job.base_digest,
+                            number=_next_round_number(s, job_id), parent=parent,
+                            current=read_adapter_version(ctx, parent), clients=clients, eligible=eligible)
+    return start
+
+
+def run_round(ctx: CoordinatorContext, job_id: str, transport: RoundTransport) -> RoundResult:
+    """Run one round of ``job_id`` and commit its outcome (see the module docstring).
+
+    Returns:
+        The round's result; ``status`` is ``completed`` (a new version) or ``failed`` (none).
+    Raises:
+        RoundEngineError: the job cannot run a round.
+    """
+    t0 = time.perf_counter()
+    start = _load_round_start(ctx, job_id)
+    plan = start.plan
+    result = RoundResult(job_id=job_id, number=start.number, status="failed")
+    started_at = datetime.now(UTC)
+    connected = transport.connected_clients()
+    result.selected = [c for c in start.eligible if c in connected]
+    nonce = new_nonce()
+    if len(result.selected) < plan.min_clients:
+        result.failure_reason = "not_enough_clients"
+        result.timings["load_s"] = time.perf_counter() - t0
+        _commit_failed(ctx, start, result, nonce, started_at, outcomes=[],
+                       message=f"{len(result.selected)} eligible and connected clients, the job needs "
+                               f"{plan.min_clients}")
+        return result
+    instruction = TrainInstruction(job_id=job_id, round=start.number, nonce=nonce, base_digest=start.base_digest,
+                                   config=plan.train, adapter=start.current)
+    t1 = time.perf_counter()
+    replies = transport.train(instruction, result.selected, plan.round_timeout_s)
+    t2 = time.perf_counter()
+    expected = RoundExpectation(job_id=job_id, round=start.number, nonce=nonce, base_digest=start.base_digest,
+                                current=start.current, norm_bound=plan.norm_bound, max_epsilon=plan.max_epsilon)
+    outcomes = validate_replies(replies, expected=expected, clients=start.clients)
+    t3 = time.perf_counter()
+    _classify(outcomes, result)
+    result.missing = [c for c in result.selected if c not in _answered(outcomes)]
+    result.timings.update(load_s=t1 - t0, transport_and_train_s=t2 - t1, validate_s=t3 - t2)
+    accepted = [o for o in outcomes if isinstance(o, Accepted)]
+    if len(accepted) < plan.min_clients:
+        result.failure_reason = "quorum_not_met"
+        _commit_failed(ctx, start, result, nonce, started_at, outcomes,
+                       message=f"{len(accepted)} accepted updates, the job needs {plan.min_clients}")
+        return result
+    try:
+        aggregated = aggregate((ClientUpdate(a.client_id, a.tensors, float(a.records)) for a in accepted),
+                               current=start.current, config=plan.aggregation)
+    except AggregationError as e:
+        result.failure_reason = "aggregation_failed"
+        _commit_failed(ctx, start, result, nonce, started_at, outcomes, message=str(e))
+        return result
+    t4 = time.perf_counter()
+    result.timings["aggregate_s"] = t4 - t3
+    _commit_completed(ctx, start, result, nonce, started_at, outcomes, accepted, aggregated)
+    result.timings["persist_s"] = time.perf_counter() - t4
+    return result
+
+
+def _answered(outcomes: Iterable[Outcome]) -> set[str]:
+    return {o.client_id for o in outcomes if o.client_id is not None}
+
+
+def _classify(outcomes: list[Outcome], result: RoundResult) -> None:
+    for o in outcomes:
+        if isinstance(o, Accepted):
+            result.accepted.append(o.client_id)
+            result.client_metrics[o.client_id] = dict(o.metrics)
+        elif isinstance(o, Refused):
+            result.refused.append((o.client_id, str(o.reason_code)))
+        else:
+            result.rejected.append((o.client_id, str(o.reason_code)))
+
+
+def _round_resource(job_id: str, number: int) -> str:
+    return f"{job_id}/{number}"
+
+
+def _audit(s: Session, action: str, resource_type: str, resource_id: str, outcome: str,
+           reason_code: str | None = None, **context: Any) -> None:
+    append_audit_event(s, action=action, actor_type=ACTOR_TYPE, actor_id=ACTOR_ID, resource_type=resource_type,
+                       resource_id=resource_id, outcome=outcome, reason_code=reason_code, context=context)
+
+
+def _write_round(s: Session, start: _RoundStart, result: RoundResult, nonce: bytes, started_at: datetime,
+                 outcomes: list[Outcome], failure: str | None) -> Round:
+    """The round row, update rows and one audit event per reply (inside the caller's transaction)."""
+    job = s.get(Job, start.job_id)
+    latest = _latest_version(s, start.job_id)
+    if job is None or latest is None or latest.id != start.parent.id:
+        raise RoundEngineError(f"job {start.job_id!r} changed while round {start.number} ran (another "
+                               f"coordinator?); the round is discarded")
+    rnd = Round(job_id=start.job_id, number=start.number, nonce=nonce, status=result.status,
+                started_at=started_at, finished_at=datetime.now(UTC), failure_reason=failure)
+    s.add(rnd)
+    s.flush()
+    base = {"job_id": start.job_id, "round": start.number}
+    for o in outcomes:
+        registered = o.client_id is not None and o.client_id in start.clients
+        res_id = f"{_round_resource(start.job_id, start.number)}/{o.client_id}"
+        if isinstance(o, Accepted):
+            s.add(Update(round_id=rnd.id, client_id=o.client_id, status="accepted", digest=o.digest,
+                         norm=o.update_norm, epsilon=o.epsilon, delta=o.delta, records=o.records))
+            _audit(s, "update.accepted", "update", res_id, "success", **base, client_id=o.client_id,
+                   digest=o.digest, norm=o.update_norm, epsilon=o.epsilon, delta=o.delta, records=o.records)
+        elif isinstance(o, Refused):
+            s.add(Update(round_id=rnd.id, client_id=o.client_id, status="refused", reason_code=str(o.reason_code),
+                         message=o.message[:2000]))
+            _audit(s, "update.refused", "update", res_id, "failure", str(o.reason_code), **base,
+                   client_id=o.client_id, message=o.message[:500])
+        else:
+            if registered:  # updates.client_id is a foreign key: unknown ids are in the audit trail only
+                s.add(Update(round_id=rnd.id, client_id=o.client_id, status="rejected",
+                             reason_code=str(o.reason_code), message=o.message[:2000]))
+            _audit(s, "update.rejected", "update", res_id, "failure", str(o.reason_code), **base,
+                   client_id=o.client_id, message=o.message[:500])
+    for client_id in result.missing:
+        _audit(s, "update.missing", "update", f"{_round_resource(start.job_id, start.number)}/{client_id}",
+               "failure", "timeout", **base, client_id=client_id)
+    return rnd
+
+
+def _commit_failed(ctx: CoordinatorContext, start: _RoundStart, result: RoundResult, nonce: bytes,
+                   started_at: datetime, outcomes: list[Outcome], message: str) -> None:
+    result.status = "failed"
+    t = time.perf_counter()
+    with ctx.sessions.begin() as s:
+        _write_round(s, start, result, nonce, started_at, outcomes, failure=f"{result.failure_reason}: {message}")
+        _audit(s, "round.failed", "round", _round_resource(start.job_id, start.number), "failure",
+               result.failure_reason, job_id=start.job_id, round=start.number, message=message,
+               selected=result.selected, accepted=result.accepted, missing=result.missing)
+        if _consecutive_failures(s, start.job_id) >= start.plan.max_failed_rounds:
+            job = s.get(Job, start.job_id)
+            job.status, job.finished_at = "failed", datetime.now(UTC)
+            _audit(s, "job.failed", "job", start.job_id, "failure", "too_many_failed_rounds",
+                   job_id=start.job_id, max_failed_rounds=start.plan.max_failed_rounds)
+    result.timings["persist_s"] = time.perf_counter() - t
+
+
+def _consecutive_failures(s: Session, job_id: str) -> int:
+    statuses = s.execute(select(Round.status).where(Round.job_id == job_id).order_by(Round.number.desc())).scalars()
+    count = 0
+    for status in statuses:
+        if status != "failed":
+            break
+        count += 1
+    return count
+
+
+def _commit_completed(ctx: CoordinatorContext, start: _RoundStart, result: RoundResult, nonce: bytes,
+                      started_at: datetime, outcomes: list[Outcome], accepted: list[Accepted], aggregated: Any) -> None:
+    plan, job_id = start.plan, start.job_id
+    version = start.parent.version + 1
+    # The blob goes to disk (fsynced) before the row that names it; a crash in between leaves an orphan.
+    name, digest, size = write_adapter_blob(ctx, job_id, version, aggregated.tensors)
+    result.status = "completed"
+    try:
+        with ctx.sessions.begin() as s:
+            rnd = _write_round(s, start, result, nonce, started_at, outcomes, failure=None)
+            contributors = [{"client_id": a.client_id, "records": a.records, "epsilon": a.epsilon, "delta": a.delta,
+                             "digest": a.digest} for a in accepted]
+            losses = [(a.metrics.get("loss"), a.records) for a in accepted]
+            total = sum(r for _, r in losses)
+            metrics = {"clients": len(accepted), "records": total,
+                       "loss": sum(float(l) * r for l, r in losses) / total if total else None,
+                       "clipped_clients": list(aggregated.clipped_clients)}
+            row = AdapterVersion(job_id=job_id, version=version, round_id=rnd.id, parent_id=start.parent.id,
+                                 blob_path=name, digest=digest, size_bytes=size, aggregation=plan.aggregation.method,
+                                 contributors=contributors, metrics=metrics)
+            s.add(row)
+            for a in accepted:
+                s.add(PrivacyLedgerEntry(
+                    kind="record_level", client_id=a.client_id, job_id=job_id, round_id=rnd.id, epsilon=a.epsilon,
+                    delta=a.delta, sample_rate=_metric(a, "sample_rate"),
+                    noise_multiplier=_metric(a, "noise_multiplier"), steps=_int_metric(a, "steps"), accountant=None))
+            if aggregated.noise_multiplier is not None:  # client-level DP (DP-FedAvg) on the coordinator
+                q = len(result.selected) / max(1, len(start.eligible))
+                eps = client_level_epsilon([(aggregated.noise_multiplier, q, 1)], delta=plan.client_level_delta)
+                s.add(PrivacyLedgerEntry(kind="client_level", client_id=None, job_id=job_id, round_id=rnd.id,
+                                         epsilon=eps, delta=plan.client_level_delta, sample_rate=q,
+                                         noise_multiplier=aggregated.noise_multiplier, steps=1, accountant="rdp"))
+            s.flush()
+            _audit(s, "adapter_version.created", "adapter_version", f"{job_id}/v{version}", "success",
+                   job_id=job_id, version=version, round=start.number, digest=digest,
+                   parent_version=start.parent.version,
+                   aggregation=plan.aggregation.method, contributors=[a.client_id for a in accepted])
+            _audit(s, "round.completed", "round", _round_resource(job_id, start.number), "success", job_id=job_id,
+                   round=start.number, version=version, selected=result.selected, accepted=result.accepted,
+                   rejected=[list(r) for r in result.rejected], refused=[list(r) for r in result.refused],
+                   missing=result.missing)
+            if version >= plan.rounds:
+                job = s.get(Job, job_id)
+                job.status, job.finished_at = "completed", datetime.now(UTC)
+                _audit(s, "job.completed", "job", job_id, "success", job_id=job_id, versions=version)
+    except BaseException:
+        # The transaction rolled back (or never reached the database): the blob names nothing.
+        # A crash before this line leaves it as an orphan for collect_orphan_blobs.
+        (ctx.blob_dir / name).unlink(missing_ok=True)
+        result.status = "failed"
+        raise
+    result.version = version
+
+
+def _metric(a: Accepted, key: str) -> float | None:
+    value = a.metrics.get(key)
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _int_metric(a: Accepted, key: str) -> int | None:
+    value = a.metrics.get(key)
+    return int(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole job
+
+
+def mark_job_running(ctx: CoordinatorContext, job_id: str, run_id: str | None = None) -> bool:
+    """Set a created / paused / running job to running (audited when it changes); False when the job
+    is already finished."""
+    with ctx.sessions.begin() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise RoundEngineError(f"job {job_id!r} does not exist")
+        if job.status in ("completed", "failed", "aborted"):
+            return False
+        resumed = job.status == "running"
+        job.status = "running"
+        _audit(s, "job.resumed" if resumed else "job.started", "job", job_id, "success", job_id=job_id,
+               flower_run_id=run_id)
+    return True
+
+
+def job_finished(ctx: CoordinatorContext, job_id: str) -> bool:
+    with ctx.sessions() as s:
+        job = s.get(Job, job_id)
+        return job is None or job.status in ("completed", "failed", "aborted")
+
+
+def run_job(ctx: CoordinatorContext, job_id: str, transport: RoundTransport, *,
+            run_id: str | None = None, max_rounds: int | None = None) -> list[RoundResult]:
+    """Run rounds until the job has its ``rounds`` versions, fails ``max_failed_rounds`` times in a
+    row, or ``max_rounds`` attempts were made here. Resumes from the newest version.
+    Deletes orphan blobs first (see :func:`collect_orphan_blobs`)."""
+    collect_orphan_blobs(ctx)
+    results: list[RoundResult] = []
+    if not mark_job_running(ctx, job_id, run_id):
+        return results
+    while not job_finished(ctx, job_id) and (max_rounds is None or len(results) < max_rounds):
+        result = run_round(ctx, job_id, transport)
+        log.info("job %s round %d: %s (version %s, accepted %s, rejected %s, refused %s, missing %s)", job_id,
+                 result.number, result.status, result.version, result.accepted, result.rejected, result.refused,
+                 result.missing)
+        results.append(result)
+    return results

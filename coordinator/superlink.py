@@ -1,0 +1,228 @@
+"""Coordinator-side Flower processes: the SuperLink, the Flower app directory, and runs.
+
+* :func:`start_superlink` runs ``flower-superlink`` with runtime dependency installation OFF
+  (with it on, a SuperLink ran ``uv sync`` and pulled GBs of CUDA wheels), on 127.0.0.1 (its
+  Control API has no authentication: never expose it), insecure or with TLS, optionally with
+  SuperNode authentication. Its environment carries the ServerApp's config (``server_app.py``).
+* :func:`write_flower_app_dir` writes the small Flower app (pyproject only): its components name
+  the installed modules ``fedtune.coordinator.server_app:app`` and
+  ``fedtune.client_agent.flower_app:app`` (the FAB carries no code; both ends import the installed
+  fedtune).
+* :func:`write_flwr_home` defines the connection ``flwr run`` uses; :func:`start_run` /
+  :func:`run_status` / :func:`wait_for_run` drive runs through ``flwr run|ls --format json``.
+
+SIGTERM to the SuperLink stops its superexec and ServerApp children too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+APP_NAME = "fedtune-rounds"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for tests and the demo)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def venv_bin(name: str) -> str:
+    """The path of a console script installed beside this Python (flower-superlink, flwr, ...)."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower processes: own FLWR_HOME, telemetry and update checks off."""
+    env = dict(os.environ)
+    env.update({"FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "PYTHONUNBUFFERED": "1",
+                # flower-superlink starts flower-superexec / flwr-serverapp by name: find this venv's
+                "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")})
+    env.update(extra or {})
+    return env
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Server TLS: CA certificate, server certificate (SAN must name 127.0.0.1) and its key."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+@dataclass
+class ManagedProcess:
+    """A child process with its log file; :meth:`stop` sends SIGTERM, then SIGKILL after a grace period."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def stop(self, grace_s: float = 15.0) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+        return self.popen.returncode
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def spawn(name: str, args: list[str], log_path: Path, env: dict[str, str], cwd: Path | None = None) -> ManagedProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                             stdin=subprocess.DEVNULL)
+    log.close()
+    return ManagedProcess(name, popen, log_path)
+
+
+def start_superlink(workdir: Path, *, port: int, env_extra: dict[str, str], tls: TlsFiles | None = None,
+                    supernode_auth: bool = False) -> ManagedProcess:
+    """Start ``flower-superlink`` on 127.0.0.1:``port`` (Fleet, Control and ServerApp APIs on one port).
+
+    Args:
+        workdir: its FLWR_HOME, state database and log live here.
+        env_extra: the ServerApp's config (FEDTUNE_DATABASE_URL, FEDTUNE_BLOB_DIR, FEDTUNE_BLOB_KEY_FILE).
+        tls: server TLS files; None runs ``--insecure`` (loopback tests only).
+        supernode_auth: only SuperNodes whose public keys were registered may connect.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    args = [venv_bin("flower-superlink"), "--disable-runtime-dependency-installation",
+            "--database", str(workdir / "superlink-state.db"), "--host", "127.0.0.1", "--port", str(port)]
+    if tls is None:
+        args.append("--insecure")
+    else:
+        args += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+    if supernode_auth:
+        args.append("--enable-supernode-auth")
+    proc = spawn("superlink", args, workdir / "superlink.log", flower_env(workdir / "flwr-home", env_extra))
+    proc.extra["port"] = port
+    return proc
+
+
+def wait_for_port(port: int, timeout_s: float = 60.0, proc: ManagedProcess | None = None) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port``.
+
+    Raises:
+        RuntimeError: the process died or the port stayed closed (its log tail is in the message).
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s"
+                       + (f":\n{proc.log_tail()}" if proc else ""))
+
+
+def write_flower_app_dir(app_dir: Path, *, job_id: str = "") -> Path:
+    """Write the Flower app directory ``flwr run`` packs into a FAB (a pyproject.toml, no code)."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(f"""\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{APP_NAME}"
+version = "1.0.0"
+description = "fedtune federated rounds (components are the installed fedtune package)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedtune"
+
+[tool.flwr.app.components]
+serverapp = "fedtune.coordinator.server_app:app"
+clientapp = "fedtune.client_agent.flower_app:app"
+
+[tool.flwr.app.config]
+job-id = "{job_id}"
+node-wait-s = 60
+expected-nodes = 1
+""")
+    return app_dir
+
+
+def write_flwr_home(flwr_home: Path, *, name: str, port: int, root_cert: Path | None = None) -> Path:
+    """``$FLWR_HOME/config.toml`` with one SuperLink connection ``name`` for ``flwr run/ls/stop``."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    tls = f'root-certificates = "{root_cert}"' if root_cert else "insecure = true"
+    (flwr_home / "config.toml").write_text(f"""\
+[superlink]
+default = "{name}"
+
+[superlink.{name}]
+address = "127.0.0.1:{port}"
+{tls}
+""")
+    return flwr_home
+
+
+def _flwr(args: list[str], flwr_home: Path, cwd: Path, timeout_s: float = 120.0) -> dict:
+    out = subprocess.run([venv_bin("flwr"), *args, "--format", "json"], env=flower_env(flwr_home), cwd=cwd,
+                         capture_output=True, text=True, timeout=timeout_s)
+    text = out.stdout.strip()
+    try:
+        data = json.loads(text[text.index("{"):]) if "{" in text else {}
+    except ValueError as e:
+        raise RuntimeError(f"flwr {args[0]}: unreadable output:\n{text}\n{out.stderr}") from e
+    if out.returncode != 0 or data.get("success") is False:
+        raise RuntimeError(f"flwr {' '.join(args)} failed ({out.returncode}): {text}\n{out.stderr[-2000:]}")
+    return data
+
+
+def start_run(app_dir: Path, *, flwr_home: Path, connection: str, run_config: str = "") -> int:
+    """Start a run of the app on the SuperLink ``connection``; returns the Flower run id."""
+    args = ["run", str(app_dir), connection] + (["--run-config", run_config] if run_config else [])
+    return int(_flwr(args, flwr_home, app_dir.parent)["run-id"])
+
+
+def run_status(run_id: int, *, flwr_home: Path, connection: str, cwd: Path) -> str:
+    """``pending``, ``starting``, ``running`` or ``finished:{completed,failed,stopped}``."""
+    data = _flwr(["ls", connection, "--run-id", str(run_id)], flwr_home, cwd)
+    runs = data.get("runs", [])
+    return str(runs[0].get("status", "")) if runs else ""
+
+
+def wait_for_run(run_id: int, *, flwr_home: Path, connection: str, cwd: Path, timeout_s: float,
+                 poll_s: float = 3.0) -> str:
+    """Poll until the run is finished; returns its final status.
+
+    Raises:
+        TimeoutError: still not finished after ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    status = ""
+    while time.monotonic() < deadline:
+        status = run_status(run_id, flwr_home=flwr_home, connection=connection, cwd=cwd)
+        if status.startswith("finished"):
+            return status
+        time.sleep(poll_s)
+    raise TimeoutError(f"run {run_id} is still {status!r} after {timeout_s} s")

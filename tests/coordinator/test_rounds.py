@@ -1,0 +1,258 @@
+"""The round engine without Flower: a fake transport answers for the agents.
+
+Quorum, audited rejections of every malicious reply, the one-transaction commit, and crash/resume
+(a failure injected inside the commit leaves the before-state; an orphan blob is collected)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from sqlalchemy import func, select
+
+from fedtune.compliance.signing import encode_public_key, generate_signing_key
+from fedtune.compliance.wire import TrainInstruction, sign_train_reply
+from fedtune.coordinator import rounds
+from fedtune.coordinator.encryption import generate_blob_key
+from fedtune.coordinator.rounds import (
+    CoordinatorContext,
+    collect_orphan_blobs,
+    create_initial_version,
+    read_adapter_version,
+    run_job,
+    run_round,
+    write_adapter_blob,
+)
+from fedtune.coordinator.store import (
+    AdapterVersion,
+    AuditEvent,
+    Client,
+    Job,
+    PrivacyLedgerEntry,
+    Round,
+    Update,
+    create_session_factory,
+)
+from fedtune.coordinator.validation import Rejected, RejectReason
+
+CLIENTS = ("bank-a", "bank-b", "hospital-c")
+KEYS = {c: generate_signing_key() for c in (*CLIENTS, "revoked-d", "stranger")}
+B0 = {"layers.0.q.lora_B.weight": torch.zeros(4, 2), "layers.1.q.lora_B.weight": torch.zeros(4, 2)}
+JOB_CONFIG = {"rounds": 2, "min_clients": 2, "clients": [*CLIENTS, "revoked-d"], "aggregation": {"method": "ffa"},
+              "norm_bound": 1.0, "round_timeout_s": 5,
+              "train": {"privacy": {"target_epsilon": 4.0, "delta": 1e-5}, "lora": {"ffa": True, "rank": 2}}}
+
+
+def _delta(client: str) -> float:
+    return {"bank-a": 0.01, "bank-b": 0.02, "hospital-c": 0.03}.get(client, 0.01)
+
+
+def honest_reply(instruction: TrainInstruction, client: str, **overrides):
+    tensors = overrides.pop("tensors", None)
+    if tensors is None:
+        tensors = {n: t + _delta(client) for n, t in instruction.adapter.items()}
+    args = dict(loss=1.0, records=100 * (CLIENTS.index(client) + 1) if client in CLIENTS else 50,
+                epsilon=2.0, delta=1e-5)
+    args.update(overrides)
+    key = args.pop("key", KEYS[client])
+    reply = sign_train_reply(instruction, client_id=client, tensors=tensors, private_key=key, **args)
+    return replace(reply, metrics={**reply.metrics, "sample_rate": 0.1, "noise_multiplier": 1.1, "steps": 5})
+
+
+class FakeTransport:
+    """Agents as functions: ``behaviour[client](instruction) -> list of replies``."""
+
+    def __init__(self, clients=CLIENTS, behaviour=None):
+        self.clients = set(clients)
+        self.behaviour = behaviour or {}
+        self.instructions: list[TrainInstruction] = []
+
+    def connected_clients(self):
+        return set(self.clients)
+
+    def train(self, instruction, client_ids, timeout_s):
+        self.instructions.append(instruction)
+        replies = []
+        for client in client_ids:
+            fn = self.behaviour.get(client, lambda ins, c=client: [honest_reply(ins, c)])
+            replies.extend(fn(instruction))
+        return replies
+
+
+@pytest.fixture
+def ctx(engine, tmp_path):
+    sessions = create_session_factory(engine, immediate=True)
+    with sessions.begin() as s:
+        for c in (*CLIENTS, "revoked-d"):
+            s.add(Client(id=c, org=c.split("-")[0], name=c, public_key=encode_public_key(KEYS[c]),
+                         status="revoked" if c == "revoked-d" else "active"))
+        s.add(Job(id="job-1", base_digest="sha256:base", config=JOB_CONFIG))
+    context = CoordinatorContext(sessions=sessions, blob_dir=tmp_path / "blobs", blob_key=generate_blob_key())
+    create_initial_version(context, "job-1", B0)
+    return context
+
+
+def _count(ctx, model, *where):
+    with ctx.sessions() as s:
+        return s.execute(select(func.count()).select_from(model).where(*where)).scalar_one()
+
+
+def _actions(ctx):
+    with ctx.sessions() as s:
+        return [e.action for e in s.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars()]
+
+
+def test_two_rounds_write_versions_ledger_and_audit(ctx):
+    transport = FakeTransport()
+    results = run_job(ctx, "job-1", transport)
+    assert [r.status for r in results] == ["completed", "completed"]
+    assert [r.version for r in results] == [1, 2]
+    assert transport.instructions[0].nonce != transport.instructions[1].nonce
+    with ctx.sessions() as s:
+        versions = s.execute(select(AdapterVersion).order_by(AdapterVersion.version)).scalars().all()
+        assert [v.version for v in versions] == [0, 1, 2]
+        assert versions[2].parent_id == versions[1].id
+        v1 = read_adapter_version(ctx, versions[1])  # digest checked against the row
+        # FedAvg of B weighted by records 100/200/300: 0 + (0.01*100 + 0.02*200 + 0.03*300) / 600
+        expected = (0.01 * 100 + 0.02 * 200 + 0.03 * 300) / 600
+        assert torch.allclose(v1["layers.0.q.lora_B.weight"], torch.full((4, 2), expected))
+        assert s.get(Job, "job-1").status == "completed"
+        assert {c["client_id"] for c in versions[1].contributors} == set(CLIENTS)
+    assert _count(ctx, PrivacyLedgerEntry) == 6
+    assert _count(ctx, Update, Update.status == "accepted") == 6
+    actions = _actions(ctx)
+    assert actions.count("round.completed") == 2 and actions.count("adapter_version.created") == 3
+    assert actions.count("update.accepted") == 6 and actions[-1] == "job.completed"
+
+
+def _bad_replies(ins):
+    other_job = replace(ins, job_id="job-other")
+    nan = {n: t.clone() for n, t in ins.adapter.items()}
+    next(iter(nan.values()))[0, 0] = math.nan
+    return {
+        "bad_signature": honest_reply(ins, "bank-b", key=KEYS["stranger"]),
+        "wrong_job": honest_reply(other_job, "bank-b"),
+        "wrong_shape": honest_reply(ins, "bank-b", tensors={n: torch.zeros(2, 4) for n in ins.adapter}),
+        "non_finite": honest_reply(ins, "bank-b", tensors=nan),
+        "norm_exceeded": honest_reply(ins, "bank-b", tensors={n: t + 25.0 for n, t in ins.adapter.items()}),  # 100x
+        "unknown_client": honest_reply(ins, "stranger"),
+        "revoked_client": honest_reply(ins, "revoked-d"),
+        "malformed": Rejected(None, RejectReason.MALFORMED, "undecodable"),
+    }
+
+
+@pytest.mark.parametrize("reason", ["bad_signature", "wrong_job", "wrong_shape", "non_finite", "norm_exceeded",
+                                    "unknown_client", "revoked_client", "malformed"])
+def test_each_malicious_reply_is_rejected_and_audited_and_the_round_completes(ctx, reason):
+    transport = FakeTransport(behaviour={"bank-b": lambda ins: [_bad_replies(ins)[reason]]})
+    result = run_round(ctx, "job-1", transport)
+    assert result.status == "completed" and sorted(result.accepted) == ["bank-a", "hospital-c"]
+    assert [r for _, r in result.rejected] == [reason]
+    with ctx.sessions() as s:
+        audits = s.execute(select(AuditEvent).where(AuditEvent.action == "update.rejected")).scalars().all()
+        assert [e.reason_code for e in audits] == [reason]
+        assert audits[0].context["round"] == 1
+        rows = s.execute(select(Update).where(Update.status == "rejected")).scalars().all()
+        # unknown or unreadable ids cannot have update rows (foreign key): the audit trail has them
+        assert len(rows) == (0 if reason in ("unknown_client", "malformed") else 1)
+
+
+def test_replay_of_a_previous_round_and_a_duplicate_are_rejected(ctx):
+    previous = {}
+
+    def replay(ins):
+        if ins.round == 1:
+            previous["r"] = honest_reply(ins, "hospital-c")
+        return [previous["r"]]
+
+    transport = FakeTransport(behaviour={"bank-a": lambda ins: [honest_reply(ins, "bank-a")] * 2,
+                                         "hospital-c": replay})
+    r1 = run_round(ctx, "job-1", transport)
+    assert r1.status == "completed" and r1.rejected == [("bank-a", "duplicate")]
+    r2 = run_round(ctx, "job-1", transport)
+    assert r2.status == "completed" and ("hospital-c", "wrong_round") in r2.rejected
+    assert sorted(r2.accepted) == ["bank-a", "bank-b"]
+    assert _actions(ctx).count("update.rejected") == 3
+
+
+def test_quorum_lost_fails_the_round_without_a_version(ctx):
+    def refuse_all(ins):
+        return [honest_reply(ins, "bank-b", tensors={n: t + 50 for n, t in ins.adapter.items()})]
+
+    transport = FakeTransport(clients=("bank-a", "bank-b"), behaviour={"bank-a": lambda ins: [], "bank-b": refuse_all})
+    result = run_round(ctx, "job-1", transport)
+    assert result.status == "failed" and result.failure_reason == "quorum_not_met"
+    assert result.missing == ["bank-a"]
+    assert _count(ctx, AdapterVersion) == 1  # version 0 only
+    assert _count(ctx, PrivacyLedgerEntry) == 0
+    with ctx.sessions() as s:
+        rnd = s.execute(select(Round)).scalar_one()
+        assert rnd.status == "failed" and rnd.failure_reason.startswith("quorum_not_met")
+    assert "round.failed" in _actions(ctx) and "update.missing" in _actions(ctx)
+    assert len(list(ctx.blob_dir.iterdir())) == 1
+
+
+def test_not_enough_connected_clients_fails_the_round(ctx):
+    result = run_round(ctx, "job-1", FakeTransport(clients=("bank-a",)))
+    assert result.status == "failed" and result.failure_reason == "not_enough_clients"
+
+
+def _snapshot(ctx):
+    with ctx.sessions() as s:
+        return {m.__name__: s.execute(select(func.count()).select_from(m)).scalar_one()
+                for m in (Round, Update, AdapterVersion, PrivacyLedgerEntry, AuditEvent)}
+
+
+@pytest.mark.parametrize("fail_on", ["update.accepted", "adapter_version.created", "round.completed", "job.completed"])
+def test_failure_inside_the_commit_leaves_the_before_state_and_the_job_resumes(ctx, monkeypatch, fail_on):
+    run_round(ctx, "job-1", FakeTransport())  # version 1 exists; the crash hits round 2 (job.completed in it)
+    before = _snapshot(ctx)
+    blobs_before = sorted(p.name for p in ctx.blob_dir.iterdir())
+    real = rounds.append_audit_event
+
+    def crashing(session, **kw):
+        if kw["action"] == fail_on:
+            raise KeyboardInterrupt("simulated crash inside the round commit")
+        return real(session, **kw)
+
+    monkeypatch.setattr(rounds, "append_audit_event", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_round(ctx, "job-1", FakeTransport())
+    assert _snapshot(ctx) == before
+    assert sorted(p.name for p in ctx.blob_dir.iterdir()) == blobs_before
+    monkeypatch.setattr(rounds, "append_audit_event", real)
+    results = run_job(ctx, "job-1", FakeTransport())  # resumes from version 1
+    assert [r.version for r in results] == [2]
+    with ctx.sessions() as s:
+        assert s.get(Job, "job-1").status == "completed"
+        numbers = s.execute(select(Round.number).order_by(Round.number)).scalars().all()
+        assert numbers == [1, 2]  # the crashed attempt left no round row; its number is reused
+
+
+def test_orphan_blob_from_a_crash_between_blob_and_commit_is_collected(ctx):
+    orphan, _, _ = write_adapter_blob(ctx, "job-1", 1, B0)  # as if killed right after writing the blob
+    (ctx.blob_dir / ".x.ftb.abc.tmp").write_bytes(b"half")
+    results = run_job(ctx, "job-1", FakeTransport())
+    assert not (ctx.blob_dir / orphan).exists() and not (ctx.blob_dir / ".x.ftb.abc.tmp").exists()
+    assert [r.version for r in results] == [1, 2]
+    with ctx.sessions() as s:
+        named = set(s.execute(select(AdapterVersion.blob_path)).scalars())
+    assert named == {p.name for p in ctx.blob_dir.iterdir()}
+    assert collect_orphan_blobs(ctx) == []
+
+
+def test_a_concurrent_version_discards_the_round(ctx, monkeypatch):
+    transport = FakeTransport()
+    real_train = transport.train
+
+    def train_then_other_coordinator_commits(ins, ids, timeout):
+        replies = real_train(ins, ids, timeout)
+        run_round(ctx, "job-1", FakeTransport())  # another coordinator appends version 1 meanwhile
+        return replies
+
+    transport.train = train_then_other_coordinator_commits
+    with pytest.raises(rounds.RoundEngineError, match="changed while round"):
+        run_round(ctx, "job-1", transport)
+    assert _count(ctx, AdapterVersion) == 2
