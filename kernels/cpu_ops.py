@@ -123,7 +123,10 @@ def quant_linear(
                                                    weights[1].to(torch.bfloat16))
             return y.to(x.dtype)
         if scheme == "int4" and len(packed) == 4:
-            xb = F.pad(x.to(torch.bfloat16), (0, kp - in_features)).contiguous()  # padded K columns meet zeros
+            xb = x.to(torch.bfloat16)
+            if kp != in_features:
+                xb = F.pad(xb, (0, kp - in_features))  # padded K columns meet zeros
+            xb = xb.contiguous()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed[3], group_size, packed[2])
             return y.to(x.dtype)
     if x.dtype == torch.float64 or scheme == "none":
