@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fedtune.kernels import reference
 from fedtune.kernels.schemes import NF4_BLOCK, NF4_CODE, _nf4_absmax
 
 SMALL_M = 32  # rows up to which the packed-weight matmuls beat dequantize + fp32 GEMM here
@@ -130,9 +131,7 @@ def quant_linear(
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed[3], group_size, packed[2])
             return y.to(x.dtype)
     if x.dtype == torch.float64 or scheme == "none":
-        from fedtune.kernels.reference import quant_linear as reference
-
-        return reference(x, weights, scheme, group_size, in_features)
+        return reference.quant_linear(x, weights, scheme, group_size, in_features)
     w = dequantize_into(scratch((n, kp), torch.float32, x.device), weights, packed, scheme, group_size)
     return F.linear(x.float(), w[:, :in_features]).to(x.dtype)
 
@@ -143,9 +142,7 @@ def quant_linear_dx(
 ) -> torch.Tensor:
     """dX [M, K] = dY [M, N] · W on the CPU (dequantize into the scratch buffer, fp32 GEMM)."""
     if dy.dtype == torch.float64 or scheme == "none":
-        from fedtune.kernels.reference import quant_linear_dx as reference
-
-        return reference(dy, weights, scheme, group_size, in_features)
+        return reference.quant_linear_dx(dy, weights, scheme, group_size, in_features)
     n = weights[0].shape[-2]
     kp = _stored_k(weights, scheme, group_size, in_features)
     packed = packed or prepack(weights, scheme, group_size, in_features, int4pack=False)
@@ -173,10 +170,7 @@ def moe_experts(
     packed_gate = packed_gate or prepack(gate, scheme, group_size, hidden, int4pack=False)
     packed_up = packed_up or prepack(up, scheme, group_size, hidden, int4pack=False)
     packed_down = packed_down or prepack(down, scheme, group_size, intermediate, int4pack=False)
-    flat_ids = expert_ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    token_of_slot = order // top_k  # [N*k]
-    counts = torch.bincount(flat_ids, minlength=n_experts).tolist()
+    order, token_of_slot, counts = reference.sort_slots_by_expert(expert_ids, n_experts)
     xs = x[token_of_slot]  # [N*k, H], grouped by expert
     out = torch.empty(n_tokens * top_k, hidden, dtype=torch.float32, device=x.device)
     start = 0

@@ -167,10 +167,7 @@ def _moe_experts_backward(
     hidden = x.shape[-1]
     n_experts, intermediate = gate[0].shape[0], gate[0].shape[1]
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    flat_ids = expert_ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    token_of_slot = order // top_k
-    counts = torch.bincount(flat_ids, minlength=n_experts).tolist()
+    order, token_of_slot, counts = reference.sort_slots_by_expert(expert_ids, n_experts)
     xs, dys = x[token_of_slot].to(compute), dy[token_of_slot].to(compute)  # [N*k, H]
     rs = routing_weights.reshape(-1)[order].to(compute)  # [N*k]
     dx_slots = torch.zeros_like(xs)

@@ -8,6 +8,20 @@ import torch.nn.functional as F
 from fedtune.kernels.schemes import dequantize_weight
 
 
+def sort_slots_by_expert(expert_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Group the N*k (token, slot) pairs by expert, once.
+
+    Returns:
+        order [N*k]: flat slot indices, stable-sorted by expert;
+        token_of_slot [N*k]: the token of each sorted slot;
+        counts: slots per expert (a Python list, E entries).
+    """
+    flat_ids = expert_ids.reshape(-1)  # [N*k]
+    order = torch.argsort(flat_ids, stable=True)
+    token_of_slot = order // expert_ids.shape[1]
+    return order, token_of_slot, torch.bincount(flat_ids, minlength=n_experts).tolist()
+
+
 def moe_experts(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
@@ -32,12 +46,9 @@ def moe_experts(
     Returns:
         [N, H] in x's dtype.
     """
-    n_tokens, top_k = expert_ids.shape
+    n_tokens = expert_ids.shape[0]
     n_experts = w_gate.shape[0]
-    flat_ids = expert_ids.reshape(-1)  # [N*k]
-    order = torch.argsort(flat_ids, stable=True)
-    token_of_slot = order // top_k  # [N*k], token index of each sorted slot
-    counts = torch.bincount(flat_ids, minlength=n_experts).tolist()
+    order, token_of_slot, counts = sort_slots_by_expert(expert_ids, n_experts)
     xs = x[token_of_slot]  # [N*k, H], grouped by expert
     outputs = []
     start = 0
