@@ -7,7 +7,6 @@ data, trains DP-LoRA with a progress bar, and writes the adapter (peft format) a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fedtune.client_agent.data import DataError, load_records
+from fedtune.client_agent.data import DataError, data_digest, load_records
 from fedtune.client_agent.ledger import BudgetExceeded, PlannedRun, PrivacyLedger
 from fedtune.client_agent.lora import LoraSettings, attach_lora, detach_lora, load_adapter_state, save_adapter
 from fedtune.client_agent.privacy import PrivacyConfig, PrivacyError
@@ -41,14 +40,6 @@ StateDir = Annotated[Path, typer.Option(help="The agent's state directory (holds
 def _fail(message: str, code: int = 2) -> typer.Exit:
     err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(code=code)
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"sha256:{h.hexdigest()}"
 
 
 @budget_app.command("set")
@@ -126,7 +117,7 @@ def train_local(
         run_id = None
         if plan is not None:
             try:
-                run_id = ledger.reserve(dataset_id, file_digest(data), "local", PlannedRun(
+                run_id = ledger.reserve(dataset_id, data_digest(data), "local", PlannedRun(
                     plan.epsilon, plan.delta, plan.sample_rate, plan.noise_multiplier, plan.steps, plan.accountant))
             except BudgetExceeded as e:
                 raise _fail(str(e), code=3) from e

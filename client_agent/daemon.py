@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import hmac
 import json
 import logging
@@ -41,7 +40,7 @@ from typing import Any
 
 import torch
 
-from fedtune.client_agent.data import Record, load_records
+from fedtune.client_agent.data import Record, data_digest, load_records
 from fedtune.client_agent.flower_app import recorddict_from_bytes, recorddict_to_bytes
 from fedtune.client_agent.ledger import BudgetExceeded, PlannedRun, PrivacyLedger
 from fedtune.client_agent.lora import LoraSettings
@@ -106,7 +105,7 @@ class Agent:
         self.load_seconds = time.perf_counter() - t
         self.key = load_private_key(settings.key_path)
         self.records: list[Record] = load_records(settings.data_path)
-        self.data_digest = "sha256:" + hashlib.sha256(settings.data_path.read_bytes()).hexdigest()
+        self.data_digest = data_digest(settings.data_path)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.ledger = PrivacyLedger(settings.state_dir / "privacy_ledger.db")
         if settings.budget_epsilon is not None:

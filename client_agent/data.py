@@ -6,6 +6,7 @@ row of a batch, and the loss is taken on its completion tokens (plus the end-of-
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import partial
@@ -57,6 +58,15 @@ def _parse_line(path: Path, number: int, text: str) -> Record:
             raise DataError(path, f"field {field!r} is empty", number)
         values[field] = value
     return Record(**values)
+
+
+def data_digest(path: str | Path) -> str:
+    """`sha256:<hex>` of a data file's bytes, read in blocks (the ledger records it with every run)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"
 
 
 def load_records(path: str | Path) -> list[Record]:
