@@ -98,8 +98,11 @@ def experts_sizes(experts: nn.Module) -> tuple[int, int]:
     return h, i
 
 
-class LoraExpertProjection(nn.Module, LoraLayer):
-    """peft LoRA around one `ExpertProjection`; A and B see the expert's tokens in the [B, L_e, d] layout."""
+class FrozenBaseLoraLayer(nn.Module, LoraLayer):
+    """peft LoRA around one of our frozen, non-nn.Linear base modules (`in_features`/`out_features` as
+    nn.Linear has). The base weight is quantized or stacked, so the adapter is never merged into it."""
+
+    merge_refusal = "merging LoRA into this base weight is not supported; keep the adapter separate"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
                  lora_alpha: int = 1, **kwargs: Any) -> None:
@@ -113,7 +116,13 @@ class LoraExpertProjection(nn.Module, LoraLayer):
         return module.in_features, module.out_features
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise NotImplementedError("merging LoRA into a stacked expert weight is not supported")
+        raise NotImplementedError(self.merge_refusal)
+
+
+class LoraExpertProjection(FrozenBaseLoraLayer):
+    """peft LoRA around one `ExpertProjection`; A and B see the expert's tokens in the [B, L_e, d] layout."""
+
+    merge_refusal = "merging LoRA into a stacked expert weight is not supported"
 
     def forward(self, x: torch.Tensor, placement: Placement | None = None) -> torch.Tensor:
         """x [n_e, in] (expert e's tokens, grouped by sample) -> [n_e, out]."""

@@ -15,30 +15,17 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel
-from peft.tuners.lora import LoraLayer
+from peft import PeftModel
 from torch import nn
 
-from fedtune.client_agent.expert_lora import ExpertProjection, LoraExpertProjection
+from fedtune.client_agent.expert_lora import ExpertProjection, FrozenBaseLoraLayer, LoraExpertProjection
 from fedtune.model.quantize import QuantLinear
 
 
-class LoraQuantLinear(nn.Module, LoraLayer):
+class LoraQuantLinear(FrozenBaseLoraLayer):
     """peft LoRA around our frozen `QuantLinear` (the role peft's `bnb.Linear4bit` plays for bitsandbytes)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
-                 lora_alpha: int = 1, **kwargs: Any) -> None:
-        super().__init__()
-        LoraLayer.__init__(self, base_layer)
-        self.fan_in_fan_out = False
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
-
-    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        return module.in_features, module.out_features
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise NotImplementedError("merging LoRA into a quantized weight is not supported; keep the adapter separate")
+    merge_refusal = "merging LoRA into a quantized weight is not supported; keep the adapter separate"
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x)
