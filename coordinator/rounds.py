@@ -38,7 +38,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,6 +94,10 @@ Reply = TrainReply | Refusal | Rejected
 
 class RoundEngineError(RuntimeError):
     """The job cannot run a round (missing job, no initial version, finished, concurrent writer)."""
+
+
+class JobStopped(RoundEngineError):
+    """The job was aborted (or otherwise finished) while a round ran: the round is discarded."""
 
 
 class RoundTransport(Protocol):
@@ -223,16 +227,23 @@ def read_adapter_version(ctx: CoordinatorContext, row: AdapterVersion) -> dict[s
     return decode_tensors(plaintext)
 
 
-def create_initial_version(ctx: CoordinatorContext, job_id: str, tensors: Mapping[str, torch.Tensor]) -> int:
+def create_initial_version(ctx: CoordinatorContext, job_id: str, tensors: Mapping[str, torch.Tensor], *,
+                           new_job: Job | None = None, also: Callable[[Session], None] | None = None) -> int:
     """Write version 0 of a job's adapter (the exchanged tensors at their initial values; FFA: B
     only), with its audit event. Returns the version row id.
 
+    Args:
+        new_job: a job row to insert in the same transaction (job and version 0 exist together or not at all).
+        also: called with the session inside the transaction (e.g. the admin API's audit record).
     Raises:
         RoundEngineError: the job does not exist or already has a version.
     """
     name, digest, size = write_adapter_blob(ctx, job_id, 0, tensors)
     try:
         with ctx.sessions.begin() as s:
+            if new_job is not None:
+                s.add(new_job)
+                s.flush()
             if s.get(Job, job_id) is None:
                 raise RoundEngineError(f"job {job_id!r} does not exist")
             if _latest_version(s, job_id) is not None:
@@ -245,6 +256,8 @@ def create_initial_version(ctx: CoordinatorContext, job_id: str, tensors: Mappin
             append_audit_event(s, action="adapter_version.created", actor_type=ACTOR_TYPE, actor_id=ACTOR_ID,
                                resource_type="adapter_version", resource_id=f"{job_id}/v0", outcome="success",
                                context={"job_id": job_id, "version": 0, "digest": digest, "initial": True})
+            if also is not None:
+                also(s)
             return row.id
     except BaseException:
         (ctx.blob_dir / name).unlink(missing_ok=True)
@@ -436,6 +449,9 @@ def _write_round(s: Session, start: _RoundStart, result: RoundResult, nonce: byt
     if job is None or latest is None or latest.id != start.parent.id:
         raise RoundEngineError(f"job {start.job_id!r} changed while round {start.number} ran (another "
                                f"coordinator?); the round is discarded")
+    if job.status in ("aborted", "failed", "completed"):  # an operator aborted it while the round ran
+        raise JobStopped(f"job {start.job_id!r} became {job.status} while round {start.number} ran; "
+                         f"the round is discarded")
     rnd = Round(job_id=start.job_id, number=start.number, nonce=nonce, status=result.status,
                 started_at=started_at, finished_at=datetime.now(UTC), failure_reason=failure)
     s.add(rnd)
@@ -562,38 +578,44 @@ def _int_metric(a: Accepted, key: str) -> int | None:
 
 
 def mark_job_running(ctx: CoordinatorContext, job_id: str, run_id: str | None = None) -> bool:
-    """Set a created / paused / running job to running (audited when it changes); False when the job
-    is already finished."""
+    """Set a created or running job to running and audit that the engine runs it (``job.started`` the
+    first time, ``job.resumed`` after a stop or crash); False when the job is paused or finished."""
     with ctx.sessions.begin() as s:
         job = s.get(Job, job_id)
         if job is None:
             raise RoundEngineError(f"job {job_id!r} does not exist")
-        if job.status in ("completed", "failed", "aborted"):
+        if job.status not in ("created", "running"):
             return False
-        resumed = job.status == "running"
+        resumed = _next_round_number(s, job_id) > 1
         job.status = "running"
         _audit(s, "job.resumed" if resumed else "job.started", "job", job_id, "success", job_id=job_id,
                flower_run_id=run_id)
     return True
 
 
-def job_finished(ctx: CoordinatorContext, job_id: str) -> bool:
+def job_should_run(ctx: CoordinatorContext, job_id: str) -> bool:
+    """True while the job is running (not paused, aborted or finished)."""
     with ctx.sessions() as s:
         job = s.get(Job, job_id)
-        return job is None or job.status in ("completed", "failed", "aborted")
+        return job is not None and job.status == "running"
 
 
 def run_job(ctx: CoordinatorContext, job_id: str, transport: RoundTransport, *,
             run_id: str | None = None, max_rounds: int | None = None) -> list[RoundResult]:
     """Run rounds until the job has its ``rounds`` versions, fails ``max_failed_rounds`` times in a
-    row, or ``max_rounds`` attempts were made here. Resumes from the newest version.
+    row, is paused (after the round in flight) or aborted (the round in flight is discarded), or
+    ``max_rounds`` attempts were made here. Resumes from the newest version.
     Deletes orphan blobs first (see :func:`collect_orphan_blobs`)."""
     collect_orphan_blobs(ctx)
     results: list[RoundResult] = []
     if not mark_job_running(ctx, job_id, run_id):
         return results
-    while not job_finished(ctx, job_id) and (max_rounds is None or len(results) < max_rounds):
-        result = run_round(ctx, job_id, transport)
+    while job_should_run(ctx, job_id) and (max_rounds is None or len(results) < max_rounds):
+        try:
+            result = run_round(ctx, job_id, transport)
+        except JobStopped as e:
+            log.info("%s", e)
+            break
         log.info("job %s round %d: %s (version %s, accepted %s, rejected %s, refused %s, missing %s)", job_id,
                  result.number, result.status, result.version, result.accepted, result.rejected, result.refused,
                  result.missing)

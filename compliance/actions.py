@@ -1,0 +1,68 @@
+"""The fixed list of audit actions: every audit record's ``action`` is one of these.
+
+A record with an action outside this list is refused at append time
+(:func:`fedtune.coordinator.store.append_audit_event`), so an auditor can rely on the list as the
+complete vocabulary of the trail. Add new actions here, with a line saying what they record.
+"""
+
+from __future__ import annotations
+
+# Round engine (coordinator/rounds.py): federated decisions.
+ROUND_ACTIONS = {
+    "job.started": "the coordinator started running a job's rounds",
+    "job.resumed": "the coordinator resumed a job's rounds after a stop or a crash",
+    "job.completed": "a job produced its last adapter version",
+    "job.failed": "a job stopped after too many failed rounds",
+    "round.completed": "a round produced an adapter version (accepted / rejected / refused / missing clients)",
+    "round.failed": "a round ended without a version (quorum lost, no clients, aggregation failed)",
+    "update.accepted": "a client's update passed validation and was aggregated",
+    "update.rejected": "a client's reply failed validation (reason code names the check)",
+    "update.refused": "a client agent refused to train (budget, base digest, config)",
+    "update.missing": "a selected client did not reply before the round's timeout",
+    "adapter_version.created": "a new adapter version was written (digest, parent, contributors)",
+    "audit.checkpoint_signed": "the coordinator signed a checkpoint of the audit log (size, Merkle root)",
+}
+
+# Admin API (coordinator/api): one record per request, allowed or denied.
+API_ACTIONS = {
+    "client.register": "register a client agent with its Ed25519 public key",
+    "client.list": "list registered clients",
+    "client.get": "read one client",
+    "client.revoke": "revoke a client (its replies are rejected from then on)",
+    "job.create": "create a job (base digest, LoRA / FFA / DP / aggregation config, client list)",
+    "job.list": "list jobs",
+    "job.get": "read one job",
+    "job.start": "start a job's rounds",
+    "job.pause": "pause a job after its current round",
+    "job.resume": "resume a paused job",
+    "job.abort": "abort a job",
+    "round.list": "list a job's rounds",
+    "adapter.list": "list a job's adapter versions",
+    "adapter.get": "read one adapter version's metadata",
+    "adapter.lineage": "read an adapter version's lineage",
+    "adapter.download": "download an adapter version (decrypted, peft format)",
+    "adapter.promote": "promote an adapter version",
+    "adapter.rollback": "roll a job's promoted adapter back to an earlier version",
+    "privacy.ledger": "read a client's privacy ledger",
+    "privacy.budget": "read a client's remaining privacy budget",
+    "audit.query": "query audit records",
+    "audit.export": "export the audit trail",
+    "audit.verify": "verify the audit trail",
+    "audit.checkpoints": "list signed audit checkpoints",
+    "report.lineage": "read an adapter version's lineage report",
+    "report.processing": "read a job's record of processing",
+    "metrics.read": "read the Prometheus metrics",
+    "token.create": "create an admin-API token (CLI)",
+    "token.revoke": "revoke an admin-API token (CLI)",
+    "api.unknown": "a request to a path or method the API does not have",
+}
+
+ACTIONS: dict[str, str] = {**ROUND_ACTIONS, **API_ACTIONS}
+
+
+def check_action(action: str) -> str:
+    """Return ``action`` if it is in :data:`ACTIONS`; raise ValueError naming it otherwise."""
+    if action not in ACTIONS:
+        raise ValueError(f"audit action {action!r} is not in fedtune.compliance.actions.ACTIONS; add it there "
+                         f"with a description before recording it")
+    return action

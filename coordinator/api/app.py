@@ -1,0 +1,249 @@
+"""The admin API application: auth, audit and limits around every route.
+
+Every request under ``/api/v1`` leaves exactly one audit record, allowed or denied:
+
+* a change is recorded by its handler inside the transaction that makes it (both commit or neither);
+* everything else (reads, denials, 4xx, a crash) is recorded after the response, in its own
+  transaction, with the outcome taken from the status code.
+
+Not audited: ``/healthz`` (liveness probes would drown the trail) and the OpenAPI document.
+
+A request is matched to its route (and so to its action) before it runs, so the body-size limit
+and authorization are decided in one place, before any handler sees the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from fedtune.coordinator.api.auth import Actor, allowed, authenticate
+from fedtune.coordinator.rounds import CoordinatorContext
+from fedtune.coordinator.store import append_audit_event
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+UNAUDITED_PATHS = ("/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass
+class ApiSettings:
+    """What the API serves from.
+
+    Attributes:
+        ctx: store, blob directory and blob key (the round engine's context).
+        catalog: the bases the coordinator knows (job creation, adapter download); None: jobs
+            cannot be created here.
+        signing_key: the coordinator's Ed25519 key for audit checkpoints (None: export and
+            checkpoint endpoints answer 409).
+        max_page_size: the largest ``limit`` a list endpoint takes.
+        max_body_bytes: the largest request body (413 above it).
+    """
+
+    ctx: CoordinatorContext
+    catalog: Any = None
+    signing_key: Any = None
+    max_page_size: int = 200
+    max_body_bytes: int = 1 << 20
+    requests: Counter = field(default_factory=Counter)  # (action, outcome) -> count, for /metrics
+
+
+def settings_of(request: Request) -> ApiSettings:
+    return request.app.state.settings
+
+
+def actor_of(request: Request) -> Actor:
+    return request.state.actor
+
+
+def record_change(request: Request, session: Session, *, resource_type: str, resource_id: str | None,
+                  context: dict[str, Any] | None = None) -> None:
+    """The request's audit record, written by a handler inside the transaction of its change."""
+    _append(request, session, outcome="success", reason=None, resource_type=resource_type,
+            resource_id=resource_id, context=context)
+    request.state.audited = True
+
+
+def _append(request: Request, session: Session, *, outcome: str, reason: str | None, resource_type: str,
+            resource_id: str | None, context: dict[str, Any] | None) -> None:
+    actor: Actor = getattr(request.state, "actor", None) or Actor.anonymous()
+    client = request.client
+    append_audit_event(session, action=request.state.action, actor_type=actor.actor_type, actor_id=actor.actor_id,
+                       actor_role=actor.role, resource_type=resource_type, resource_id=resource_id,
+                       outcome=outcome, reason_code=reason, origin=f"{client.host}" if client else None,
+                       request_id=request.state.request_id,
+                       context={"method": request.method, "path": request.url.path[:200], **(context or {})})
+
+
+def _outcome(status: int) -> tuple[str, str | None]:
+    if status < 400:
+        return "success", None
+    if status in (401, 403):
+        return "denied", "unauthenticated" if status == 401 else "forbidden"
+    return "failure", f"http_{status}"
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with 413 before the app reads them (declared length
+    or, for chunked bodies, bytes counted while buffering)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes)
+        chunks: list[bytes] = []
+        if not too_big:
+            size, more = 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_bytes:
+                    too_big = True
+                    break
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+        if too_big:
+            scope.setdefault("state", {})["body_too_large"] = True
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    """The FastAPI application (serve it with uvicorn; ``fedtune coordinator serve`` does)."""
+    from fedtune.coordinator.api import routes_audit, routes_federation, routes_models
+
+    app = FastAPI(title="fedtune coordinator admin API", version="1",
+                  description="Clients, jobs, rounds, adapters, privacy budgets and the audit trail. Bearer tokens "
+                              "(`fedtune coordinator token create`), roles admin / operator / auditor.")
+    app.state.settings = settings
+    api_routes = []
+    for module in (routes_federation, routes_models, routes_audit):
+        app.include_router(module.router)
+        api_routes += [r for r in module.router.routes if isinstance(r, APIRoute)]
+
+    @app.get("/healthz", tags=["service"], summary="Liveness (no auth, not audited)")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        first = errors[0] if errors else {"field": "?", "message": "invalid request"}
+        return JSONResponse(status_code=422, content=jsonable_encoder(
+            {"detail": f"{first['field']}: {first['message']}", "errors": errors}))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail},
+                            headers=getattr(exc, "headers", None))
+
+    @app.middleware("http")
+    async def audit_and_authorize(request: Request, call_next):
+        path = request.url.path
+        if path in UNAUDITED_PATHS:
+            return await call_next(request)
+        given = request.headers.get("x-request-id", "")
+        request.state.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request.state.audited = False
+        route, method_ok, params = _match(api_routes, request.scope)
+        request.state.action = route.name if route is not None and method_ok else "api.unknown"
+        request.state.actor = None
+        resource_type = route.tags[0] if route is not None and route.tags else "api"
+        request.state.resource_id = _resource_id(params)
+        response = None
+        try:
+            actor, reason = await run_in_threadpool(_authenticate, settings, request.headers.get("authorization"))
+            request.state.actor = actor
+            if actor is None:
+                response = _error(401, f"authentication failed ({reason}): send 'Authorization: Bearer <token>'",
+                                  {"WWW-Authenticate": "Bearer"})
+                return await _finish(settings, request, response, resource_type, reason)
+            if request.state.action != "api.unknown" and not allowed(request.state.action, actor.role):
+                response = _error(403, f"role {actor.role!r} may not {request.state.action}")
+                return await _finish(settings, request, response, resource_type, "role_not_allowed")
+            if request.scope.get("state", {}).get("body_too_large"):
+                response = _error(413, f"request body over {settings.max_body_bytes} bytes")
+                return await _finish(settings, request, response, resource_type, "body_too_large")
+            response = await call_next(request)
+        except Exception:  # a bug: the client gets a 500 with the request id, the trail gets the failure
+            log.exception("request %s %s failed (request id %s)", request.method, path, request.state.request_id)
+            response = _error(500, f"internal error; request id {request.state.request_id}")
+        return await _finish(settings, request, response, resource_type, None)
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # outermost: runs before the audit
+    return app
+
+
+def _authenticate(settings: ApiSettings, header: str | None) -> tuple[Actor | None, str | None]:
+    with settings.ctx.sessions() as s:
+        return authenticate(s, header)
+
+
+def _match(routes: list[APIRoute], scope: Scope) -> tuple[APIRoute | None, bool, dict[str, Any]]:
+    """The route a request goes to, whether its method matches, and its path parameters."""
+    partial: tuple[APIRoute | None, bool, dict[str, Any]] = (None, False, {})
+    for route in routes:
+        match, child = route.matches(scope)
+        if match == Match.FULL:
+            return route, True, child.get("path_params", {})
+        if match == Match.PARTIAL and partial[0] is None:
+            partial = (route, False, child.get("path_params", {}))
+    return partial
+
+
+def _resource_id(params: dict[str, Any]) -> str | None:
+    """``job/version``-style id from the path parameters, cut to the column's width."""
+    parts = [str(params[k]) for k in ("client_id", "job_id", "version") if k in params]
+    return "/".join(parts)[:200] or None
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
+
+
+async def _finish(settings: ApiSettings, request: Request, response, resource_type: str,
+                  reason: str | None):
+    outcome, default_reason = _outcome(response.status_code)
+    settings.requests[(request.state.action, outcome)] += 1
+    if not request.state.audited:
+        def write() -> None:
+            with settings.ctx.sessions.begin() as s:
+                _append(request, s, outcome=outcome, reason=reason or default_reason, resource_type=resource_type,
+                        resource_id=request.state.resource_id, context={"status": response.status_code})
+        await run_in_threadpool(write)
+    response.headers["X-Request-ID"] = request.state.request_id
+    return response

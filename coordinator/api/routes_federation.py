@@ -1,0 +1,243 @@
+"""Admin API: clients, jobs and rounds."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from fedtune.coordinator.api.app import API_PREFIX, record_change, settings_of
+from fedtune.coordinator.api.schemas import (
+    ID_PATTERN,
+    ClientIn,
+    ClientOut,
+    JobIn,
+    JobOut,
+    Page,
+    RoundOut,
+)
+from fedtune.coordinator.jobs import JobStateError, UnknownBaseError, change_job_status, create_job
+from fedtune.coordinator.store import AdapterVersion, Client, Job, Round, Update, utc_now
+
+MAX_PAGE_SIZE = 200
+
+router = APIRouter(prefix=API_PREFIX)
+
+ClientId = Annotated[str, Path(pattern=ID_PATTERN, description="client id")]
+JobId = Annotated[str, Path(pattern=ID_PATTERN, description="job id")]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description=f"page size (at most {MAX_PAGE_SIZE})")]
+Offset = Annotated[int, Query(ge=0, le=2**31 - 1)]
+ERRORS: dict[int | str, dict[str, Any]] = {401: {"description": "no, bad or revoked token"},
+                                           403: {"description": "the token's role may not do this"},
+                                           404: {"description": "not found"}, 422: {"description": "bad input"}}
+
+
+def paginate(s: Session, query, limit: int, offset: int, convert) -> dict[str, Any]:
+    """One page of ``query`` (already ordered) with its total."""
+    total = s.execute(select(func.count()).select_from(query.order_by(None).subquery())).scalar_one()
+    rows = s.execute(query.limit(limit).offset(offset)).scalars().all()
+    return {"items": [convert(r) for r in rows], "total": total, "limit": limit, "offset": offset,
+            "next_offset": offset + limit if offset + limit < total else None}
+
+
+def get_or_404(s: Session, model, key, what: str):
+    row = s.get(model, key)
+    if row is None:
+        raise HTTPException(404, f"{what} {key!r} does not exist")
+    return row
+
+
+# --- clients ---------------------------------------------------------------------------------
+
+
+def _client_out(c: Client) -> ClientOut:
+    return ClientOut.model_validate(c, from_attributes=True)
+
+
+@router.post("/clients", name="client.register", tags=["client"], status_code=201, response_model=ClientOut,
+             responses={**ERRORS, 409: {"description": "the id or key is already registered"}})
+def register_client(body: ClientIn, request: Request) -> ClientOut:
+    """Register a client agent with the Ed25519 public key its signed receipts are checked with."""
+    from fedtune.compliance.signing import KeyFormatError, decode_public_key
+
+    try:
+        decode_public_key(body.public_key)
+    except KeyFormatError as e:
+        raise HTTPException(422, f"public_key: {e}") from None
+    settings = settings_of(request)
+    try:
+        with settings.ctx.sessions.begin() as s:
+            if s.get(Client, body.id) is not None:
+                raise HTTPException(409, f"client {body.id!r} is already registered")
+            if s.execute(select(Client.id).where(Client.public_key == body.public_key)).first():
+                raise HTTPException(409, "public_key: this key is already registered to another client")
+            client = Client(id=body.id, org=body.org, name=body.name, public_key=body.public_key, status="active")
+            s.add(client)
+            s.flush()
+            record_change(request, s, resource_type="client", resource_id=body.id,
+                          context={"public_key": body.public_key})
+            return _client_out(client)
+    except IntegrityError:  # a concurrent registration of the same id won the race
+        raise HTTPException(409, f"client {body.id!r} is already registered") from None
+
+
+@router.get("/clients", name="client.list", tags=["client"], response_model=Page[ClientOut], responses=ERRORS)
+def list_clients(request: Request, limit: Limit = 50, offset: Offset = 0,
+                 status: Annotated[str | None, Query(pattern="^(active|revoked)$")] = None) -> dict[str, Any]:
+    query = select(Client).order_by(Client.id)
+    if status:
+        query = query.where(Client.status == status)
+    with settings_of(request).ctx.sessions() as s:
+        return paginate(s, query, limit, offset, _client_out)
+
+
+@router.get("/clients/{client_id}", name="client.get", tags=["client"], response_model=ClientOut,
+            responses=ERRORS)
+def get_client(client_id: ClientId, request: Request) -> ClientOut:
+    with settings_of(request).ctx.sessions() as s:
+        return _client_out(get_or_404(s, Client, client_id, "client"))
+
+
+@router.post("/clients/{client_id}/revoke", name="client.revoke", tags=["client"], response_model=ClientOut,
+             responses=ERRORS)
+def revoke_client(client_id: ClientId, request: Request) -> ClientOut:
+    """Revoke a client: it is no longer selected, and its replies are rejected (``revoked_client``)."""
+    with settings_of(request).ctx.sessions.begin() as s:
+        client = get_or_404(s, Client, client_id, "client")
+        if client.status != "revoked":
+            client.status, client.revoked_at = "revoked", utc_now()
+        record_change(request, s, resource_type="client", resource_id=client_id)
+        return _client_out(client)
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+
+def _job_out(s: Session, job: Job) -> JobOut:
+    done = s.execute(select(func.count()).where(Round.job_id == job.id, Round.status == "completed")).scalar_one()
+    latest = s.execute(select(func.max(AdapterVersion.version)).where(AdapterVersion.job_id == job.id)).scalar_one()
+    return JobOut(id=job.id, base_digest=job.base_digest, status=job.status, config=job.config,
+                  created_at=job.created_at, finished_at=job.finished_at, rounds_done=done, latest_version=latest)
+
+
+@router.post("/jobs", name="job.create", tags=["job"], status_code=201, response_model=JobOut,
+             responses={**ERRORS, 409: {"description": "the job id exists, or a listed client is not active"}})
+def create_job_endpoint(body: JobIn, request: Request) -> JobOut:
+    """Create a job on a base this coordinator holds, with its config and client list, and its
+    adapter version 0. The job waits in ``created`` until started."""
+    settings = settings_of(request)
+    if settings.catalog is None:
+        raise HTTPException(409, "this coordinator has no base checkpoints configured (serve --base PATH)")
+    try:
+        settings.catalog.check(body.base_digest)
+    except UnknownBaseError as e:
+        raise HTTPException(422, f"base_digest: {e}") from None
+    with settings.ctx.sessions() as s:
+        if s.get(Job, body.id) is not None:
+            raise HTTPException(409, f"job {body.id!r} already exists")
+        clients = {c.id: c.status for c in s.execute(select(Client).where(Client.id.in_(body.clients))).scalars()}
+    for client_id in body.clients:
+        if clients.get(client_id) != "active":
+            state = clients.get(client_id, "not registered")
+            raise HTTPException(409, f"clients: {client_id!r} is {state}; register it (or list only active clients)")
+    config = body.engine_config()
+
+    def audit(s: Session) -> None:
+        record_change(request, s, resource_type="job", resource_id=body.id,
+                      context={"base_digest": body.base_digest, "clients": body.clients,
+                               "aggregation": body.aggregation.method, "rounds": body.rounds,
+                               "target_epsilon": body.privacy.target_epsilon, "delta": body.privacy.delta})
+
+    try:
+        create_job(settings.ctx, settings.catalog, job_id=body.id, base_digest=body.base_digest, config=config,
+                   also=audit)
+    except IntegrityError:
+        raise HTTPException(409, f"job {body.id!r} already exists") from None
+    with settings.ctx.sessions() as s:
+        return _job_out(s, s.get(Job, body.id))
+
+
+@router.get("/jobs", name="job.list", tags=["job"], response_model=Page[JobOut], responses=ERRORS)
+def list_jobs(request: Request, limit: Limit = 50, offset: Offset = 0,
+              status: Annotated[str | None, Query(pattern="^(created|running|paused|completed|failed|aborted)$")]
+              = None) -> dict[str, Any]:
+    query = select(Job).order_by(Job.created_at, Job.id)
+    if status:
+        query = query.where(Job.status == status)
+    with settings_of(request).ctx.sessions() as s:
+        return paginate(s, query, limit, offset, lambda j: _job_out(s, j))
+
+
+@router.get("/jobs/{job_id}", name="job.get", tags=["job"], response_model=JobOut, responses=ERRORS)
+def get_job(job_id: JobId, request: Request) -> JobOut:
+    with settings_of(request).ctx.sessions() as s:
+        return _job_out(s, get_or_404(s, Job, job_id, "job"))
+
+
+def _transition(job_id: str, request: Request, action: str) -> JobOut:
+    with settings_of(request).ctx.sessions.begin() as s:
+        job = get_or_404(s, Job, job_id, "job")
+        try:
+            old = change_job_status(s, job, action)
+        except JobStateError as e:
+            raise HTTPException(409, str(e)) from None
+        record_change(request, s, resource_type="job", resource_id=job_id, context={"from": old, "to": job.status})
+        s.flush()
+        return _job_out(s, job)
+
+
+_STATE_ERRORS = {**ERRORS, 409: {"description": "the action does not apply to the job's status"}}
+
+
+@router.post("/jobs/{job_id}/start", name="job.start", tags=["job"], response_model=JobOut, responses=_STATE_ERRORS)
+def start_job(job_id: JobId, request: Request) -> JobOut:
+    """Start a created job: the coordinator starts a Flower run for it."""
+    return _transition(job_id, request, "start")
+
+
+@router.post("/jobs/{job_id}/pause", name="job.pause", tags=["job"], response_model=JobOut, responses=_STATE_ERRORS)
+def pause_job(job_id: JobId, request: Request) -> JobOut:
+    """Pause a running job after the round in flight (that round still commits)."""
+    return _transition(job_id, request, "pause")
+
+
+@router.post("/jobs/{job_id}/resume", name="job.resume", tags=["job"], response_model=JobOut,
+             responses=_STATE_ERRORS)
+def resume_job(job_id: JobId, request: Request) -> JobOut:
+    """Resume a paused job from its newest adapter version."""
+    return _transition(job_id, request, "resume")
+
+
+@router.post("/jobs/{job_id}/abort", name="job.abort", tags=["job"], response_model=JobOut, responses=_STATE_ERRORS)
+def abort_job(job_id: JobId, request: Request) -> JobOut:
+    """Abort a job: no more rounds; a round in flight is discarded (no version, no ledger rows)."""
+    return _transition(job_id, request, "abort")
+
+
+# --- rounds ----------------------------------------------------------------------------------
+
+
+@router.get("/jobs/{job_id}/rounds", name="round.list", tags=["round"], response_model=Page[RoundOut],
+            responses=ERRORS)
+def list_rounds(job_id: JobId, request: Request, limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
+    """A job's rounds with their metrics and accepted / rejected clients."""
+    with settings_of(request).ctx.sessions() as s:
+        get_or_404(s, Job, job_id, "job")
+        versions = {v.round_id: v for v in s.execute(select(AdapterVersion).where(AdapterVersion.job_id == job_id))
+                    .scalars() if v.round_id is not None}
+
+        def convert(r: Round) -> RoundOut:
+            updates = s.execute(select(Update).where(Update.round_id == r.id).order_by(Update.id)).scalars().all()
+            version = versions.get(r.id)
+            return RoundOut(number=r.number, status=r.status, started_at=r.started_at, finished_at=r.finished_at,
+                            failure_reason=r.failure_reason, version=version.version if version else None,
+                            accepted=[u.client_id for u in updates if u.status == "accepted"],
+                            rejected=[{"client_id": u.client_id, "status": u.status, "reason_code": u.reason_code}
+                                      for u in updates if u.status != "accepted"],
+                            metrics=version.metrics if version else {})
+
+        return paginate(s, select(Round).where(Round.job_id == job_id).order_by(Round.number), limit, offset,
+                        convert)

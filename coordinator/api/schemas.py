@@ -1,0 +1,289 @@
+"""Request and response bodies of the admin API (pydantic v2).
+
+Every request body forbids unknown fields and bounds every value, so a bad request is a 422 that
+names the field and never reaches the store. Strings that end up in SQL refuse control characters
+(PostgreSQL refuses NUL in text), integers stay inside 32-bit columns, floats must be finite.
+
+A job's privacy block has no switch to turn DP off and no fixed DP seed: a federated job always
+trains with DP-SGD on fresh randomness. DP-FedAvg noise on the coordinator always comes from the
+OS CSPRNG.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints, model_validator
+
+from fedtune.client_agent.lora import DEFAULT_TARGET_MODULES
+from fedtune.coordinator.aggregation import AGGREGATORS
+
+INT32_MAX = 2**31 - 1
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]  # checkpoint digest (hex SHA-256)
+PublicKeyText = Annotated[str, StringConstraints(pattern=r"^ed25519:[A-Za-z0-9+/]{43}=$")]
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Seed = Annotated[int, Field(ge=0, le=INT32_MAX)]
+PositiveFloat = Annotated[FiniteFloat, Field(gt=0, le=1e9)]
+TargetModule = Literal[DEFAULT_TARGET_MODULES]  # type: ignore[valid-type]
+Method = Literal[tuple(sorted(AGGREGATORS))]  # type: ignore[valid-type]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- clients ---------------------------------------------------------------------------------
+
+
+class ClientIn(Strict):
+    id: Id = Field(description="Pseudonymous client id, e.g. 'bank-a'")
+    org: Text = Field(description="Organization (pseudonymous code, no personal data)")
+    name: Text
+    public_key: PublicKeyText = Field(description="The agent's Ed25519 receipt key, 'ed25519:<base64>'")
+
+
+class ClientOut(BaseModel):
+    id: str
+    org: str
+    name: str
+    public_key: str
+    status: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+
+class LoraIn(Strict):
+    rank: int = Field(8, ge=1, le=256)
+    alpha: FiniteFloat = Field(16.0, gt=0, le=10_000)
+    dropout: FiniteFloat = Field(0.0, ge=0, lt=1)
+    target_modules: list[TargetModule] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+                                               max_length=len(DEFAULT_TARGET_MODULES))
+    expert_lora: bool = False
+    ffa: bool = True
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _has_target(self) -> LoraIn:
+        if not self.target_modules and not self.expert_lora:
+            raise ValueError("lora: give target_modules or set expert_lora=true")
+        return self
+
+
+class TrainIn(Strict):
+    batch_size: int = Field(16, ge=1, le=1_000_000)
+    physical_batch_size: int = Field(16, ge=1, le=4096)
+    steps: int | None = Field(None, ge=1, le=1_000_000)
+    epochs: FiniteFloat | None = Field(None, gt=0, le=1000)
+    lr: FiniteFloat = Field(1e-3, gt=0, le=10)
+    max_len: int = Field(256, ge=1, le=32768)
+    seed: Seed = 0
+
+
+class PrivacyIn(Strict):
+    """DP-SGD on every client (always on for a federated job)."""
+
+    target_epsilon: FiniteFloat = Field(8.0, gt=0, le=100, description="record-level epsilon per round")
+    delta: FiniteFloat = Field(1e-5, gt=0, lt=1e-2)
+    max_grad_norm: FiniteFloat = Field(1.0, gt=0, le=1e3)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    secure_mode: bool = False
+    noise_multiplier: FiniteFloat | None = Field(None, gt=0, le=100)
+    grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+
+
+class AggregationIn(Strict):
+    method: Method = "ffa"  # type: ignore[valid-type]
+    clip_norm: FiniteFloat | None = Field(None, gt=0, le=1e6)
+    trim_fraction: FiniteFloat = Field(0.1, ge=0, lt=0.5)
+    noise_multiplier: FiniteFloat = Field(0.0, ge=0, le=100, description="DP-FedAvg sigma (client-level DP)")
+
+    @model_validator(mode="after")
+    def _needs(self) -> AggregationIn:
+        if self.method in ("clipped_fedavg", "dp_fedavg") and self.clip_norm is None:
+            raise ValueError(f"aggregation.clip_norm is required for method {self.method!r}")
+        if self.method == "dp_fedavg" and self.noise_multiplier <= 0:
+            raise ValueError("aggregation.noise_multiplier must be > 0 for method 'dp_fedavg'")
+        return self
+
+
+class ProcessingIn(Strict):
+    """What the record of processing states (compliance reports)."""
+
+    purpose: Text | None = None
+    data_categories: list[Text] = Field(default_factory=list, max_length=50)
+    legal_basis: Text | None = None
+    retention_days: int | None = Field(None, ge=1, le=36500)
+
+
+class JobIn(Strict):
+    id: Id
+    base_digest: Digest = Field(description="SHA-256 digest of the frozen base (fedtune model info)")
+    clients: list[Id] = Field(min_length=1, max_length=1000)
+    rounds: int = Field(ge=1, le=10_000)
+    min_clients: int = Field(1, ge=1, le=1000)
+    aggregation: AggregationIn = Field(default_factory=AggregationIn)
+    norm_bound: FiniteFloat | None = Field(None, gt=0, le=1e9, description="L2 bound on each update (B - B0)")
+    round_timeout_s: FiniteFloat = Field(600.0, ge=1, le=86_400)
+    max_failed_rounds: int = Field(3, ge=1, le=100)
+    max_client_epsilon: FiniteFloat | None = Field(None, gt=0, le=1e4,
+                                                  description="record-level epsilon budget per client for the job")
+    client_level_delta: FiniteFloat = Field(1e-5, gt=0, lt=1e-2)
+    lora: LoraIn = Field(default_factory=LoraIn)
+    train: TrainIn = Field(default_factory=TrainIn)
+    privacy: PrivacyIn = Field(default_factory=PrivacyIn)
+    processing: ProcessingIn = Field(default_factory=ProcessingIn)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobIn:
+        if len(set(self.clients)) != len(self.clients):
+            raise ValueError("clients: an id is listed twice")
+        if self.min_clients > len(self.clients):
+            raise ValueError(f"min_clients ({self.min_clients}) exceeds the {len(self.clients)} listed clients")
+        if (self.aggregation.method == "ffa") != self.lora.ffa:
+            raise ValueError("aggregation.method 'ffa' and lora.ffa=true go together (FFA sends B only)")
+        if self.max_client_epsilon is not None and self.max_client_epsilon < self.privacy.target_epsilon:
+            raise ValueError(f"max_client_epsilon ({self.max_client_epsilon}) is below one round's "
+                             f"privacy.target_epsilon ({self.privacy.target_epsilon})")
+        return self
+
+    def engine_config(self) -> dict[str, Any]:
+        """The job config the round engine reads (coordinator/rounds.py)."""
+        return {
+            "rounds": self.rounds, "min_clients": self.min_clients, "clients": list(self.clients),
+            "aggregation": self.aggregation.model_dump(), "norm_bound": self.norm_bound,
+            "round_timeout_s": self.round_timeout_s, "max_failed_rounds": self.max_failed_rounds,
+            "max_client_epsilon": self.max_client_epsilon, "client_level_delta": self.client_level_delta,
+            "train": {"lora": self.lora.model_dump(), "train": self.train.model_dump(),
+                      "privacy": self.privacy.model_dump()},
+            "processing": self.processing.model_dump(),
+        }
+
+
+class JobOut(BaseModel):
+    id: str
+    base_digest: str
+    status: str
+    config: dict[str, Any]
+    created_at: datetime
+    finished_at: datetime | None
+    rounds_done: int
+    latest_version: int | None
+
+
+class RoundOut(BaseModel):
+    number: int
+    status: str
+    started_at: datetime | None
+    finished_at: datetime | None
+    failure_reason: str | None
+    version: int | None
+    accepted: list[str]
+    rejected: list[dict[str, Any]]
+    metrics: dict[str, Any]
+
+
+# --- adapters --------------------------------------------------------------------------------
+
+
+class AdapterVersionOut(BaseModel):
+    job_id: str
+    version: int
+    digest: str
+    size_bytes: int
+    round: int | None
+    parent_version: int | None
+    aggregation: str | None
+    contributors: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    promoted: bool
+    created_at: datetime
+
+
+class RollbackIn(Strict):
+    to_version: int = Field(ge=0, le=INT32_MAX, description="the earlier version to promote again")
+
+
+# --- privacy ---------------------------------------------------------------------------------
+
+
+class LedgerEntryOut(BaseModel):
+    job_id: str
+    round: int
+    kind: str
+    epsilon: float
+    delta: float
+    sample_rate: float | None
+    noise_multiplier: float | None
+    steps: int | None
+    created_at: datetime
+
+
+class JobBudgetOut(BaseModel):
+    job_id: str
+    epsilon_spent: float
+    delta_spent: float
+    epsilon_budget: float | None
+    epsilon_remaining: float | None
+    composition: str = "basic (sum over rounds)"
+
+
+class BudgetOut(BaseModel):
+    client_id: str
+    jobs: list[JobBudgetOut]
+
+
+# --- audit -----------------------------------------------------------------------------------
+
+
+class AuditEventOut(BaseModel):
+    seq: int
+    event_id: str
+    occurred_at: datetime
+    actor_type: str
+    actor_id: str
+    actor_role: str | None
+    action: str
+    resource_type: str
+    resource_id: str | None
+    outcome: str
+    reason_code: str | None
+    origin: str | None
+    request_id: str | None
+    context: dict[str, Any]
+    prev_hash: str | None
+    record_hash: str | None
+
+
+class AuditExportIn(Strict):
+    format: Literal["jsonl", "csv"] = "jsonl"
+    job_id: Id | None = None
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+
+
+class CheckpointOut(BaseModel):
+    id: int
+    tree_size: int
+    root_hash: str
+    signed_at: datetime
+    key_id: str
+    signature: str
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None

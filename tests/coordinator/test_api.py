@@ -1,0 +1,317 @@
+"""The admin API on SQLite and PostgreSQL: the authorization matrix (every endpoint x role, plus no,
+bad and revoked tokens), audit of every request, bad input, job life cycle, adapters, privacy."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from safetensors.torch import load as load_safetensors
+from sqlalchemy import select
+
+from fedtune.compliance.signing import encode_public_key, generate_signing_key
+from fedtune.coordinator.api import ApiSettings, create_app
+from fedtune.coordinator.api.auth import create_token, revoke_token
+from fedtune.coordinator.encryption import generate_blob_key
+from fedtune.coordinator.jobs import BaseCatalog
+from fedtune.coordinator.rounds import CoordinatorContext
+from fedtune.coordinator.store import AdapterVersion, AuditEvent, Job
+
+# The expected authorization of every endpoint, written from the issue's role model (not from
+# the code's table): "O" operator, "A" auditor; admin may do everything.
+#   (method, path, roles besides admin)
+MATRIX = [
+    ("POST", "/api/v1/clients", "O"),
+    ("GET", "/api/v1/clients", "OA"),
+    ("GET", "/api/v1/clients/{client_id}", "OA"),
+    ("POST", "/api/v1/clients/{client_id}/revoke", "O"),
+    ("POST", "/api/v1/jobs", "O"),
+    ("GET", "/api/v1/jobs", "OA"),
+    ("GET", "/api/v1/jobs/{job_id}", "OA"),
+    ("POST", "/api/v1/jobs/{job_id}/start", "O"),
+    ("POST", "/api/v1/jobs/{job_id}/pause", "O"),
+    ("POST", "/api/v1/jobs/{job_id}/resume", "O"),
+    ("POST", "/api/v1/jobs/{job_id}/abort", "O"),
+    ("GET", "/api/v1/jobs/{job_id}/rounds", "OA"),
+    ("GET", "/api/v1/jobs/{job_id}/adapters", "OA"),
+    ("GET", "/api/v1/jobs/{job_id}/adapters/{version}", "OA"),
+    ("GET", "/api/v1/jobs/{job_id}/adapters/{version}/lineage", "OA"),
+    ("GET", "/api/v1/jobs/{job_id}/adapters/{version}/download", "O"),
+    ("POST", "/api/v1/jobs/{job_id}/adapters/{version}/promote", "O"),
+    ("POST", "/api/v1/jobs/{job_id}/adapters/rollback", "O"),
+    ("GET", "/api/v1/clients/{client_id}/privacy/ledger", "OA"),
+    ("GET", "/api/v1/clients/{client_id}/privacy/budget", "OA"),
+    ("GET", "/api/v1/audit/events", "A"),
+    ("GET", "/api/v1/audit/checkpoints", "A"),
+    ("GET", "/api/v1/metrics", "O"),
+]
+ROLES = ("admin", "operator", "auditor")
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    from fedtune.model.cli import init_tiny
+
+    path = tmp_path_factory.mktemp("base") / "tiny"
+    init_tiny(path, preset="tiny", seed=0)
+    return path
+
+
+@pytest.fixture
+def api(sessions, tmp_path, tiny_base):
+    ctx = CoordinatorContext(sessions=sessions, blob_dir=tmp_path / "blobs", blob_key=generate_blob_key())
+    catalog = BaseCatalog.from_paths([tiny_base])
+    settings = ApiSettings(ctx=ctx, catalog=catalog, signing_key=generate_signing_key())
+    tokens = {}
+    with sessions.begin() as s:
+        for role in ROLES:
+            tokens[role] = create_token(s, name=f"{role}-token", role=role)[1]
+        row, tokens["revoked"] = create_token(s, name="old", role="admin")
+        revoke_token(s, row.id)
+    client = TestClient(create_app(settings))
+    client.tokens = tokens
+    client.ctx = ctx
+    client.base_digest = next(iter(catalog.paths))
+    return client
+
+
+def auth(api, who: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api.tokens[who]}"}
+
+
+def register(api, client_id: str, key=None) -> dict:
+    key = key or generate_signing_key()
+    r = api.post("/api/v1/clients", headers=auth(api, "operator"),
+                 json={"id": client_id, "org": f"org-{client_id}", "name": client_id,
+                       "public_key": encode_public_key(key)})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def job_body(api, job_id="job-1", clients=("bank-a", "bank-b"), **over) -> dict:
+    body = {"id": job_id, "base_digest": api.base_digest, "clients": list(clients), "rounds": 2,
+            "min_clients": 2, "aggregation": {"method": "ffa"},
+            "lora": {"rank": 2, "ffa": True, "target_modules": ["q_a_proj", "o_proj"]},
+            "privacy": {"target_epsilon": 4.0, "delta": 1e-5}, "max_client_epsilon": 10.0}
+    body.update(over)
+    return body
+
+
+def audit_rows(api) -> list[AuditEvent]:
+    with api.ctx.sessions() as s:
+        return s.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars().all()
+
+
+def test_the_matrix_covers_every_endpoint(api):
+    served = {(m.upper(), path) for path, ops in api.app.openapi()["paths"].items() if path.startswith("/api/")
+              for m in ops}
+    assert served == {(m, p) for m, p, _ in MATRIX}
+
+
+@pytest.mark.parametrize(("method", "path", "roles"), MATRIX, ids=[f"{m} {p}" for m, p, _ in MATRIX])
+def test_authorization_matrix(api, method, path, roles):
+    url = path.format(client_id="nobody", job_id="nojob", version=0)
+    body = {"to_version": 0} if path.endswith("rollback") else {}
+    allowed = {"admin"} | {r for r, letter in (("operator", "O"), ("auditor", "A")) if letter in roles}
+    expected = []
+    for who in (*ROLES, "none", "bad", "revoked"):
+        headers = {} if who == "none" else (
+            {"Authorization": "Bearer ftk_not-a-real-token"} if who == "bad" else auth(api, who))
+        headers["X-Request-ID"] = f"matrix-{who}"
+        r = api.request(method, url, headers=headers, json=body if method == "POST" else None)
+        if who in ("none", "bad", "revoked"):
+            assert r.status_code == 401, (who, r.status_code, r.text)
+            expected.append((f"matrix-{who}", "denied"))
+        elif who in allowed:
+            assert r.status_code not in (401, 403), (who, r.status_code, r.text)
+            assert r.status_code < 500, r.text
+            expected.append((f"matrix-{who}", "success" if r.status_code < 400 else "failure"))
+        else:
+            assert r.status_code == 403, (who, r.status_code, r.text)
+            assert who in r.json()["detail"]
+            expected.append((f"matrix-{who}", "denied"))
+    # every request, allowed or denied, left exactly one audit record with its request id
+    rows = [e for e in audit_rows(api) if e.request_id and e.request_id.startswith("matrix-")]
+    assert [(e.request_id, e.outcome) for e in rows] == expected
+    assert all(e.context["path"] == url and e.context["method"] == method for e in rows)
+    denied = {e.request_id: e for e in rows if e.outcome == "denied"}
+    assert denied["matrix-none"].reason_code == "missing_token"
+    assert denied["matrix-bad"].reason_code == "invalid_token"
+    assert denied["matrix-revoked"].reason_code == "revoked_token"
+    assert all(e.reason_code == "role_not_allowed" and e.actor_id.startswith("token:")
+               for k, e in denied.items() if k not in ("matrix-none", "matrix-bad", "matrix-revoked"))
+
+
+def test_healthz_needs_no_token_and_unknown_paths_are_denied_without_one(api):
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert api.get("/api/v1/nothing-here").status_code == 401
+    assert api.get("/api/v1/nothing-here", headers=auth(api, "admin")).status_code == 404
+    assert [e.action for e in audit_rows(api)][-2:] == ["api.unknown", "api.unknown"]
+
+
+def test_register_list_revoke_client(api):
+    key = generate_signing_key()
+    out = register(api, "bank-a", key)
+    assert out["status"] == "active" and out["public_key"] == encode_public_key(key)
+    # the same id or the same key again: 409, nothing written
+    dup = api.post("/api/v1/clients", headers=auth(api, "admin"),
+                   json={"id": "bank-a", "org": "x", "name": "x", "public_key": encode_public_key(key)})
+    assert dup.status_code == 409
+    same_key = api.post("/api/v1/clients", headers=auth(api, "admin"),
+                        json={"id": "bank-z", "org": "x", "name": "x", "public_key": encode_public_key(key)})
+    assert same_key.status_code == 409 and "public_key" in same_key.json()["detail"]
+    listed = api.get("/api/v1/clients", headers=auth(api, "auditor")).json()
+    assert [c["id"] for c in listed["items"]] == ["bank-a"] and listed["total"] == 1
+    r = api.post("/api/v1/clients/bank-a/revoke", headers=auth(api, "operator"))
+    assert r.json()["status"] == "revoked" and r.json()["revoked_at"]
+    rows = [e for e in audit_rows(api) if e.action in ("client.register", "client.revoke")]
+    assert [(e.action, e.outcome) for e in rows] == [
+        ("client.register", "success"), ("client.register", "failure"),
+        ("client.register", "failure"), ("client.revoke", "success")]
+    assert rows[0].resource_id == "bank-a" and rows[-1].resource_id == "bank-a"
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"id": "bank a", "org": "o", "name": "n"}, "id"),
+    ({"id": "bank-a", "org": "", "name": "n"}, "org"),
+    ({"id": "bank-a", "org": "o\x00", "name": "n"}, "org"),
+    ({"id": "bank-a", "org": "o", "name": "n", "public_key": "ed25519:AAAA"}, "public_key"),
+    ({"id": "bank-a", "org": "o", "name": "n", "extra": 1}, "extra"),
+])
+def test_bad_client_bodies_name_the_field(api, body, field):
+    body = {"public_key": encode_public_key(generate_signing_key()), **body}
+    r = api.post("/api/v1/clients", headers=auth(api, "admin"), json=body)
+    assert r.status_code == 422 and field in r.json()["detail"], r.text
+    assert api.get("/api/v1/clients", headers=auth(api, "admin")).json()["total"] == 0
+
+
+@pytest.mark.parametrize(("over", "field"), [
+    ({"rounds": 0}, "rounds"),
+    ({"min_clients": 3}, "min_clients"),
+    ({"base_digest": "0" * 64}, "base_digest"),
+    ({"privacy": {"target_epsilon": float("inf")}}, "target_epsilon"),
+    ({"privacy": {"enabled": False}}, "enabled"),
+    ({"aggregation": {"method": "dp_fedavg", "clip_norm": 1.0}}, "noise_multiplier"),
+    ({"aggregation": {"method": "fedavg"}}, "ffa"),
+    ({"clients": ["bank-a", "bank-a"]}, "twice"),
+    ({"max_client_epsilon": 1.0}, "max_client_epsilon"),
+])
+def test_bad_job_bodies_are_refused_and_nothing_is_written(api, over, field):
+    register(api, "bank-a")
+    register(api, "bank-b")
+    r = api.post("/api/v1/jobs", headers={**auth(api, "operator"), "Content-Type": "application/json"},
+                 content=json.dumps(job_body(api, **over), allow_nan=True))
+    assert r.status_code == 422 and field in r.text, r.text
+    with api.ctx.sessions() as s:
+        assert s.execute(select(Job)).first() is None and s.execute(select(AdapterVersion)).first() is None
+    assert not (api.ctx.blob_dir.exists() and any(api.ctx.blob_dir.iterdir()))
+
+
+def test_job_with_unregistered_or_revoked_client_is_refused(api):
+    register(api, "bank-a")
+    r = api.post("/api/v1/jobs", headers=auth(api, "operator"), json=job_body(api))
+    assert r.status_code == 409 and "'bank-b' is not registered" in r.json()["detail"]
+    register(api, "bank-b")
+    api.post("/api/v1/clients/bank-b/revoke", headers=auth(api, "operator"))
+    r = api.post("/api/v1/jobs", headers=auth(api, "operator"), json=job_body(api))
+    assert r.status_code == 409 and "'bank-b' is revoked" in r.json()["detail"]
+
+
+def test_job_life_cycle_and_version_zero(api):
+    register(api, "bank-a")
+    register(api, "bank-b")
+    r = api.post("/api/v1/jobs", headers=auth(api, "operator"), json=job_body(api))
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["status"] == "created" and job["latest_version"] == 0 and job["rounds_done"] == 0
+    assert job["config"]["train"]["privacy"]["target_epsilon"] == 4.0
+    assert api.post("/api/v1/jobs", headers=auth(api, "operator"), json=job_body(api)).status_code == 409
+    steps = [("pause", 409), ("resume", 409), ("start", 200), ("start", 409), ("pause", 200), ("pause", 409),
+             ("resume", 200), ("abort", 200), ("resume", 409), ("abort", 409)]
+    statuses = []
+    for action, code in steps:
+        r = api.post(f"/api/v1/jobs/job-1/{action}", headers=auth(api, "operator"))
+        assert r.status_code == code, (action, r.text)
+        if code == 200:
+            statuses.append(r.json()["status"])
+        else:
+            assert "cannot" in r.json()["detail"]
+    assert statuses == ["running", "paused", "running", "aborted"]
+    changes = [(e.action, e.context.get("from"), e.context.get("to")) for e in audit_rows(api)
+               if e.action.startswith("job.") and e.outcome == "success"]
+    assert changes == [("job.create", None, None), ("job.start", "created", "running"),
+                       ("job.pause", "running", "paused"), ("job.resume", "paused", "running"),
+                       ("job.abort", "running", "aborted")]
+    # version 0: B = 0 for every adapted module (FFA: only B is exchanged)
+    versions = api.get("/api/v1/jobs/job-1/adapters", headers=auth(api, "auditor")).json()["items"]
+    assert [v["version"] for v in versions] == [0]
+    raw = api.get("/api/v1/jobs/job-1/adapters/0/download?format=safetensors", headers=auth(api, "operator"))
+    tensors = load_safetensors(raw.content)
+    assert tensors and all(".lora_B." in n and not t.any() for n, t in tensors.items())
+    assert "sha256:" + hashlib.sha256(raw.content).hexdigest() == versions[0]["digest"]
+
+
+def test_peft_download_has_a_and_b(api):
+    register(api, "bank-a")
+    register(api, "bank-b")
+    assert api.post("/api/v1/jobs", headers=auth(api, "operator"), json=job_body(api)).status_code == 201
+    r = api.get("/api/v1/jobs/job-1/adapters/0/download", headers=auth(api, "admin"))
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    archive = zipfile.ZipFile(io.BytesIO(r.content))
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(archive.namelist())
+    config = json.loads(archive.read("adapter_config.json"))
+    assert config["r"] == 2 and {t.rsplit(".", 1)[-1] for t in config["target_modules"]} == {"q_a_proj", "o_proj"}
+    tensors = load_safetensors(archive.read("adapter_model.safetensors"))
+    assert any(".lora_A." in n for n in tensors) and any(".lora_B." in n for n in tensors)
+
+
+def test_promote_and_rollback(api):
+    register(api, "bank-a")
+    register(api, "bank-b")
+    api.post("/api/v1/jobs", headers=auth(api, "operator"), json=job_body(api))
+    r = api.post("/api/v1/jobs/job-1/adapters/rollback", headers=auth(api, "operator"), json={"to_version": 0})
+    assert r.status_code == 409 and "no promoted version" in r.json()["detail"]
+    assert api.post("/api/v1/jobs/job-1/adapters/0/promote", headers=auth(api, "operator")).json()["promoted"]
+    r = api.post("/api/v1/jobs/job-1/adapters/rollback", headers=auth(api, "operator"), json={"to_version": 0})
+    assert r.status_code == 409 and "not earlier" in r.json()["detail"]
+    assert api.post("/api/v1/jobs/job-1/adapters/7/promote", headers=auth(api, "operator")).status_code == 404
+
+
+def test_pagination_is_bounded(api):
+    for i in range(5):
+        register(api, f"c{i}")
+    page = api.get("/api/v1/clients?limit=2&offset=2", headers=auth(api, "admin")).json()
+    assert [c["id"] for c in page["items"]] == ["c2", "c3"] and page["next_offset"] == 4 and page["total"] == 5
+    r = api.get("/api/v1/clients?limit=100000", headers=auth(api, "admin"))
+    assert r.status_code == 422 and "limit" in r.json()["detail"]
+
+
+def test_body_size_limit(api):
+    r = api.post("/api/v1/clients", headers={**auth(api, "admin"), "Content-Type": "application/json"},
+                 content=b"{" + b" " * (2 << 20) + b"}")
+    assert r.status_code == 413
+    assert audit_rows(api)[-1].reason_code == "body_too_large"
+
+
+def test_metrics_prometheus_text(api):
+    register(api, "bank-a")
+    text = api.get("/api/v1/metrics", headers=auth(api, "operator")).text
+    assert 'fedtune_clients{status="active"} 1.0' in text
+    assert "# TYPE fedtune_api_requests_total counter" in text
+    assert 'fedtune_api_requests_total{action="client.register",outcome="success"} 1.0' in text
+
+
+def test_audit_query_filters(api):
+    register(api, "bank-a")
+    api.get("/api/v1/clients", headers=auth(api, "auditor"))
+    r = api.get("/api/v1/audit/events?action=client.register", headers=auth(api, "auditor")).json()
+    assert [e["resource_id"] for e in r["items"]] == ["bank-a"]
+    assert api.get("/api/v1/audit/events?outcome=denied", headers=auth(api, "auditor")).status_code == 200
+    assert api.get("/api/v1/audit/events?action=drop.table", headers=auth(api, "auditor")).status_code == 422
+    naive = api.get("/api/v1/audit/events?since=2026-01-01T00:00:00", headers=auth(api, "auditor"))
+    assert naive.status_code == 422 and "since" in naive.json()["detail"]
