@@ -117,3 +117,40 @@ def verify_signature(key: Ed25519PublicKey, message: bytes, signature: bytes) ->
     except InvalidSignature:
         return False
     return True
+
+
+def public_key_pem(key: Ed25519PublicKey | Ed25519PrivateKey) -> bytes:
+    """The public key as PEM SubjectPublicKeyInfo (what ``openssl pkey -pubout`` writes)."""
+    if isinstance(key, Ed25519PrivateKey):
+        key = key.public_key()
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def read_public_key(data: bytes) -> Ed25519PublicKey:
+    """An Ed25519 public key from PEM SubjectPublicKeyInfo or ``ed25519:<base64>`` text.
+
+    Raises:
+        KeyFormatError: neither form, or not an Ed25519 key.
+    """
+    text = data.strip()
+    if text.startswith(PUBLIC_KEY_PREFIX.encode()):
+        return decode_public_key(text.decode("ascii", errors="replace"))
+    try:
+        key = serialization.load_pem_public_key(text)
+    except (ValueError, TypeError) as e:
+        raise KeyFormatError("not a PEM public key nor 'ed25519:<base64>' text") from e
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyFormatError(f"a {type(key).__name__}, fedtune needs an Ed25519 public key")
+    return key
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    """Read a public key file (PEM SubjectPublicKeyInfo or ``ed25519:<base64>`` text).
+
+    Raises:
+        KeyFormatError: the file holds no Ed25519 public key.
+    """
+    try:
+        return read_public_key(Path(path).read_bytes())
+    except KeyFormatError as e:
+        raise KeyFormatError(f"{path}: {e}") from e

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -73,6 +74,7 @@ from fedtune.coordinator.store import (
     Update,
     append_audit_event,
 )
+from fedtune.coordinator.store.audit import commit_audit_checkpoint
 from fedtune.coordinator.validation import (
     Accepted,
     Outcome,
@@ -116,11 +118,13 @@ class RoundTransport(Protocol):
 @dataclass(frozen=True)
 class CoordinatorContext:
     """What the engine needs: a session factory (use ``immediate=True`` on SQLite), the blob
-    directory and the blob key."""
+    directory and the blob key; with the coordinator's Ed25519 key, the engine signs an audit
+    checkpoint after every round."""
 
     sessions: sessionmaker[Session]
     blob_dir: Path
     blob_key: BlobKey = field(repr=False)
+    signing_key: Ed25519PrivateKey | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -620,4 +624,5 @@ def run_job(ctx: CoordinatorContext, job_id: str, transport: RoundTransport, *,
                  result.number, result.status, result.version, result.accepted, result.rejected, result.refused,
                  result.missing)
         results.append(result)
+        commit_audit_checkpoint(ctx.sessions, ctx.signing_key)
     return results

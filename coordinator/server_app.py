@@ -5,6 +5,8 @@ Config comes from the SuperLink's environment (inherited by ``flwr-serverapp``) 
 * ``FEDTUNE_DATABASE_URL``: the coordinator's store (SQLite or PostgreSQL URL);
 * ``FEDTUNE_BLOB_DIR``: where encrypted adapter blobs live;
 * ``FEDTUNE_BLOB_KEY`` or ``FEDTUNE_BLOB_KEY_FILE``: the blob key (see ``encryption.py``);
+* ``FEDTUNE_COORDINATOR_KEY_FILE`` (optional): the Ed25519 key that signs an audit checkpoint after
+  every round (``fedtune.compliance.checkpoints``);
 * run config ``job-id`` (``flwr run ... --run-config "job-id='job-1'"``), or ``FEDTUNE_JOB_ID``;
 * run config ``node-wait-s`` (default 60): how long to wait for SuperNodes to connect.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedtune.compliance.checkpoints import configured_coordinator_key
 from fedtune.compliance.wire import TrainInstruction, instruction_to_record_dict
 from fedtune.coordinator.encryption import load_blob_key
 from fedtune.coordinator.rounds import CoordinatorContext, Reply, run_job
@@ -106,7 +109,7 @@ def context_from_env() -> CoordinatorContext:
         raise ValueError("the ServerApp needs FEDTUNE_DATABASE_URL and FEDTUNE_BLOB_DIR in the SuperLink's environment")
     engine = create_store_engine(url)
     return CoordinatorContext(sessions=create_session_factory(engine, immediate=True), blob_dir=Path(blob_dir),
-                              blob_key=load_blob_key())
+                              blob_key=load_blob_key(), signing_key=configured_coordinator_key())
 
 
 @app.main()

@@ -204,6 +204,11 @@ def start_run(app_dir: Path, *, flwr_home: Path, connection: str, run_config: st
     return int(_flwr(args, flwr_home, app_dir.parent)["run-id"])
 
 
+def stop_run(run_id: int, *, flwr_home: Path, connection: str, cwd: Path) -> None:
+    """Stop a run (its ServerApp is terminated; the round in flight is discarded by the engine)."""
+    _flwr(["stop", str(run_id), connection], flwr_home, cwd)
+
+
 def run_status(run_id: int, *, flwr_home: Path, connection: str, cwd: Path) -> str:
     """``pending``, ``starting``, ``running`` or ``finished:{completed,failed,stopped}``."""
     data = _flwr(["ls", connection, "--run-id", str(run_id)], flwr_home, cwd)

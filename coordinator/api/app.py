@@ -173,6 +173,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     @app.middleware("http")
     async def audit_and_authorize(request: Request, call_next):
+        settings: ApiSettings = request.app.state.settings
         path = request.url.path
         if path in UNAUDITED_PATHS:
             return await call_next(request)
@@ -195,6 +196,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
             if request.state.action != "api.unknown" and not allowed(request.state.action, actor.role):
                 response = _error(403, f"role {actor.role!r} may not {request.state.action}")
                 return await _finish(settings, request, response, resource_type, "role_not_allowed")
+            if route is not None and not method_ok:
+                response = _error(405, f"{request.method} is not allowed on {path}",
+                                  {"Allow": _allowed_methods(api_routes, request.scope)})
+                return await _finish(settings, request, response, resource_type, "method_not_allowed")
             if request.scope.get("state", {}).get("body_too_large"):
                 response = _error(413, f"request body over {settings.max_body_bytes} bytes")
                 return await _finish(settings, request, response, resource_type, "body_too_large")
@@ -223,6 +228,12 @@ def _match(routes: list[APIRoute], scope: Scope) -> tuple[APIRoute | None, bool,
         if match == Match.PARTIAL and partial[0] is None:
             partial = (route, False, child.get("path_params", {}))
     return partial
+
+
+def _allowed_methods(routes: list[APIRoute], scope: Scope) -> str:
+    """Every method the request's path supports (for a 405's ``Allow``)."""
+    methods = {m for r in routes if r.matches(scope)[0] != Match.NONE for m in (r.methods or ())}
+    return ", ".join(sorted(methods))
 
 
 def _resource_id(params: dict[str, Any]) -> str | None:

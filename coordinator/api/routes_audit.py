@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import AwareDatetime
 from sqlalchemy import func, select
 
 from fedtune.compliance.actions import ACTIONS
@@ -16,6 +16,9 @@ from fedtune.coordinator.api.schemas import ID_PATTERN, INT32_MAX, AuditEventOut
 from fedtune.coordinator.store import AdapterVersion, AuditCheckpoint, AuditEvent, Client, Job, Round, Update
 
 router = APIRouter(prefix=API_PREFIX)
+
+# RFC 3339 date-time with a mandatory offset (a naive time would be ambiguous)
+RFC3339 = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})$"
 
 ACTION_PATTERN = "^(" + "|".join(a.replace(".", r"\.") for a in sorted(ACTIONS)) + ")$"
 
@@ -30,8 +33,10 @@ def query_events(
     resource_type: Annotated[str | None, Query(pattern=r"^[a-z_]{1,32}$")] = None,
     job_id: Annotated[str | None, Query(pattern=ID_PATTERN, description="records whose context names this job")]
     = None,
-    since: Annotated[AwareDatetime | None, Query(description="occurred at or after (with a time zone)")] = None,
-    until: Annotated[AwareDatetime | None, Query(description="occurred before (with a time zone)")] = None,
+    since: Annotated[str | None, Query(pattern=RFC3339, description="occurred at or after (RFC 3339, with a "
+                                                                    "time zone)")] = None,
+    until: Annotated[str | None, Query(pattern=RFC3339, description="occurred before (RFC 3339, with a time zone)")]
+    = None,
     from_seq: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,
 ) -> dict[str, Any]:
     """Audit records in sequence order, filtered."""
@@ -41,9 +46,9 @@ def query_events(
         if value is not None:
             query = query.where(column == value)
     if since is not None:
-        query = query.where(AuditEvent.occurred_at >= since)
+        query = query.where(AuditEvent.occurred_at >= _instant("since", since))
     if until is not None:
-        query = query.where(AuditEvent.occurred_at < until)
+        query = query.where(AuditEvent.occurred_at < _instant("until", until))
     if from_seq is not None:
         query = query.where(AuditEvent.seq >= from_seq)
     if job_id is not None:  # the job's own records and those whose context names it
@@ -51,6 +56,13 @@ def query_events(
                             | ((AuditEvent.resource_type == "job") & (AuditEvent.resource_id == job_id)))
     with settings_of(request).ctx.sessions() as s:
         return paginate(s, query, limit, offset, lambda e: AuditEventOut.model_validate(e, from_attributes=True))
+
+
+def _instant(name: str, text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError as e:
+        raise HTTPException(422, f"{name}: {text!r} is not an RFC 3339 time ({e})") from None
 
 
 @router.get("/audit/checkpoints", name="audit.checkpoints", tags=["audit"], response_model=Page[CheckpointOut],

@@ -30,7 +30,8 @@ ClientId = Annotated[str, Path(pattern=ID_PATTERN, description="client id")]
 JobId = Annotated[str, Path(pattern=ID_PATTERN, description="job id")]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description=f"page size (at most {MAX_PAGE_SIZE})")]
 Offset = Annotated[int, Query(ge=0, le=2**31 - 1)]
-ERRORS: dict[int | str, dict[str, Any]] = {401: {"description": "no, bad or revoked token"},
+ERRORS: dict[int | str, dict[str, Any]] = {400: {"description": "the body is not valid JSON"},
+                                           401: {"description": "no, bad or revoked token"},
                                            403: {"description": "the token's role may not do this"},
                                            404: {"description": "not found"}, 422: {"description": "bad input"}}
 

@@ -55,14 +55,14 @@ def list_versions(job_id: JobId, request: Request, limit: Limit = 50, offset: Of
         return paginate(s, query, limit, offset, lambda v: _version_out(s, v))
 
 
-@router.get("/jobs/{job_id}/adapters/{version}", name="adapter.get", tags=["adapter"],
+@router.get("/jobs/{job_id}/adapters/{version:int}", name="adapter.get", tags=["adapter"],
             response_model=AdapterVersionOut, responses=ERRORS)
 def get_version(job_id: JobId, version: Version, request: Request) -> AdapterVersionOut:
     with settings_of(request).ctx.sessions() as s:
         return _version_out(s, _version_row(s, job_id, version))
 
 
-@router.get("/jobs/{job_id}/adapters/{version}/lineage", name="adapter.lineage", tags=["adapter"],
+@router.get("/jobs/{job_id}/adapters/{version:int}/lineage", name="adapter.lineage", tags=["adapter"],
             responses=ERRORS)
 def lineage(job_id: JobId, version: Version, request: Request) -> dict[str, Any]:
     """The parent chain back to version 0: per version its round, contributing clients and the
@@ -74,7 +74,7 @@ def lineage(job_id: JobId, version: Version, request: Request) -> dict[str, Any]
         return adapter_lineage(s, job_id, version)
 
 
-@router.get("/jobs/{job_id}/adapters/{version}/download", name="adapter.download", tags=["adapter"],
+@router.get("/jobs/{job_id}/adapters/{version:int}/download", name="adapter.download", tags=["adapter"],
             responses={**ERRORS, 200: {"content": {"application/zip": {}, "application/octet-stream": {}},
                                        "description": "the adapter"},
                        409: {"description": "the job's base is not on this coordinator"}})
@@ -110,7 +110,7 @@ def _promote(s: Session, row: AdapterVersion) -> None:
     row.promoted = True
 
 
-@router.post("/jobs/{job_id}/adapters/{version}/promote", name="adapter.promote", tags=["adapter"],
+@router.post("/jobs/{job_id}/adapters/{version:int}/promote", name="adapter.promote", tags=["adapter"],
              response_model=AdapterVersionOut, responses=ERRORS)
 def promote(job_id: JobId, version: Version, request: Request) -> AdapterVersionOut:
     """Mark this version as the job's promoted (serving) adapter; the previous one is demoted."""

@@ -64,17 +64,13 @@ class LoraIn(Strict):
     rank: int = Field(8, ge=1, le=256)
     alpha: FiniteFloat = Field(16.0, gt=0, le=10_000)
     dropout: FiniteFloat = Field(0.0, ge=0, lt=1)
-    target_modules: list[TargetModule] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-                                               max_length=len(DEFAULT_TARGET_MODULES))
+    target_modules: list[TargetModule] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1,
+                                               max_length=len(DEFAULT_TARGET_MODULES),
+                                               description="attention / dense-MLP projections; expert_lora adds "
+                                                           "the routed experts on top")
     expert_lora: bool = False
     ffa: bool = True
     seed: Seed = 0
-
-    @model_validator(mode="after")
-    def _has_target(self) -> LoraIn:
-        if not self.target_modules and not self.expert_lora:
-            raise ValueError("lora: give target_modules or set expert_lora=true")
-        return self
 
 
 class TrainIn(Strict):

@@ -238,7 +238,8 @@ class PrivacyLedgerEntry(Base):
 class AuditEvent(Base):
     """One audit record. Append-only (database triggers refuse UPDATE, DELETE and, on PostgreSQL,
     TRUNCATE); ``seq`` is gapless, assigned by :func:`fedtune.coordinator.store.append_audit_event`.
-    ``prev_hash`` / ``record_hash`` are filled by the compliance hash chain."""
+    ``prev_hash`` / ``record_hash`` chain each record to the one before it
+    (:mod:`fedtune.compliance.canonical`), filled by ``append_audit_event``."""
 
     __tablename__ = "audit_events"
 
@@ -256,8 +257,8 @@ class AuditEvent(Base):
     origin: Mapped[str | None] = mapped_column(String(200))
     request_id: Mapped[str | None] = mapped_column(String(64))
     context: Mapped[dict[str, Any]]
-    prev_hash: Mapped[str | None] = mapped_column(String(100))
-    record_hash: Mapped[str | None] = mapped_column(String(100))
+    prev_hash: Mapped[str] = mapped_column(String(100))  # 64 hex digits, fedtune.compliance.canonical
+    record_hash: Mapped[str] = mapped_column(String(100))
 
 
 Index("ix_audit_events_resource", AuditEvent.resource_type, AuditEvent.resource_id)

@@ -7,20 +7,14 @@ import hashlib
 import io
 import json
 import zipfile
-from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from safetensors.torch import load as load_safetensors
 from sqlalchemy import select
 
 from fedtune.compliance.signing import encode_public_key, generate_signing_key
-from fedtune.coordinator.api import ApiSettings, create_app
-from fedtune.coordinator.api.auth import create_token, revoke_token
-from fedtune.coordinator.encryption import generate_blob_key
-from fedtune.coordinator.jobs import BaseCatalog
-from fedtune.coordinator.rounds import CoordinatorContext
 from fedtune.coordinator.store import AdapterVersion, AuditEvent, Job
+from tests.coordinator.api_support import ROLES, auth, register
 
 # The expected authorization of every endpoint, written from the role model (not from
 # the code's table): "O" operator, "A" auditor; admin may do everything.
@@ -50,47 +44,6 @@ MATRIX = [
     ("GET", "/api/v1/audit/checkpoints", "A"),
     ("GET", "/api/v1/metrics", "O"),
 ]
-ROLES = ("admin", "operator", "auditor")
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    from fedtune.model.cli import init_tiny
-
-    path = tmp_path_factory.mktemp("base") / "tiny"
-    init_tiny(path, preset="tiny", seed=0)
-    return path
-
-
-@pytest.fixture
-def api(sessions, tmp_path, tiny_base):
-    ctx = CoordinatorContext(sessions=sessions, blob_dir=tmp_path / "blobs", blob_key=generate_blob_key())
-    catalog = BaseCatalog.from_paths([tiny_base])
-    settings = ApiSettings(ctx=ctx, catalog=catalog, signing_key=generate_signing_key())
-    tokens = {}
-    with sessions.begin() as s:
-        for role in ROLES:
-            tokens[role] = create_token(s, name=f"{role}-token", role=role)[1]
-        row, tokens["revoked"] = create_token(s, name="old", role="admin")
-        revoke_token(s, row.id)
-    client = TestClient(create_app(settings))
-    client.tokens = tokens
-    client.ctx = ctx
-    client.base_digest = next(iter(catalog.paths))
-    return client
-
-
-def auth(api, who: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api.tokens[who]}"}
-
-
-def register(api, client_id: str, key=None) -> dict:
-    key = key or generate_signing_key()
-    r = api.post("/api/v1/clients", headers=auth(api, "operator"),
-                 json={"id": client_id, "org": f"org-{client_id}", "name": client_id,
-                       "public_key": encode_public_key(key)})
-    assert r.status_code == 201, r.text
-    return r.json()
 
 
 def job_body(api, job_id="job-1", clients=("bank-a", "bank-b"), **over) -> dict:

@@ -135,7 +135,7 @@ def test_ledger_rows_record_and_client_level(sessions):
         s.add(PrivacyLedgerEntry(client_id="bank-a", job_id="job-1", round_id=rnd.id, epsilon=1.0, delta=1e-6))
 
 
-def _audit(session, action="round.started", **kw):
+def _audit(session, action="round.completed", **kw):
     return append_audit_event(session, action=action, actor_type="system", actor_id="coordinator",
                               resource_type="round", resource_id="job-1/1", outcome="success", **kw)
 

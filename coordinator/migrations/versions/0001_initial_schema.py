@@ -108,8 +108,8 @@ def upgrade() -> None:
         sa.Column("origin", sa.String(length=200), nullable=True),
         sa.Column("request_id", sa.String(length=64), nullable=True),
         sa.Column("context", sa.JSON(), nullable=False),
-        sa.Column("prev_hash", sa.String(length=100), nullable=True),
-        sa.Column("record_hash", sa.String(length=100), nullable=True),
+        sa.Column("prev_hash", sa.String(length=100), nullable=False),
+        sa.Column("record_hash", sa.String(length=100), nullable=False),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_audit_events")),
         sa.UniqueConstraint("event_id", name=op.f("uq_audit_events_event_id")),
     )

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedtune.compliance.signing import encode_public_key, generate_signing_key
+from fedtune.compliance.wire import sign_train_reply
+from fedtune.coordinator.encryption import generate_blob_key
+from fedtune.coordinator.migrations import upgrade_database
+from fedtune.coordinator.rounds import CoordinatorContext, create_initial_version
+from fedtune.coordinator.store import Client, Job, create_session_factory, create_store_engine
+
+CLIENT_KEYS = {c: generate_signing_key() for c in ("bank-a", "bank-b", "hospital-c")}
+JOB_CONFIG = {
+    "rounds": 2, "min_clients": 2, "clients": sorted(CLIENT_KEYS), "aggregation": {"method": "ffa"},
+    "norm_bound": 1.0, "round_timeout_s": 5, "max_client_epsilon": 10.0,
+    "train": {"privacy": {"target_epsilon": 4.0, "delta": 1e-5}, "lora": {"ffa": True, "rank": 2}},
+    "processing": {"purpose": "fraud-memo classification", "data_categories": ["transaction memos"],
+                   "retention_days": 365},
+}
+
+
+@pytest.fixture
+def store_engine(database_url):
+    """A migrated store (SQLite and, when configured, PostgreSQL)."""
+    engine = create_store_engine(database_url)
+    upgrade_database(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sessions(store_engine):
+    return create_session_factory(store_engine, immediate=True)
+
+
+@pytest.fixture(scope="session")
+def coordinator_key():
+    return generate_signing_key()
+
+
+class HonestAgents:
+    """A round transport whose agents all reply honestly (epsilon 2.0, records 100/200/300)."""
+
+    def __init__(self, connected=tuple(CLIENT_KEYS)):
+        self.connected = set(connected)
+
+    def connected_clients(self):
+        return set(self.connected)
+
+    def train(self, instruction, client_ids, timeout_s):
+        tensors = {n: t + 0.01 for n, t in instruction.adapter.items()}
+        return [sign_train_reply(instruction, client_id=c, tensors=tensors, loss=1.0, records=100 * (i + 1),
+                                 epsilon=2.0, delta=1e-5, private_key=CLIENT_KEYS[c])
+                for i, c in enumerate(client_ids)]
+
+
+@pytest.fixture
+def job_context(sessions, tmp_path, coordinator_key):
+    """A coordinator with three registered clients, job-1 with its version 0, and a signing key."""
+    with sessions.begin() as s:
+        for c, key in CLIENT_KEYS.items():
+            s.add(Client(id=c, org=c.split("-")[0], name=c, public_key=encode_public_key(key)))
+        s.add(Job(id="job-1", base_digest="sha256:base", config=JOB_CONFIG))
+    ctx = CoordinatorContext(sessions=sessions, blob_dir=tmp_path / "blobs", blob_key=generate_blob_key(),
+                             signing_key=coordinator_key)
+    create_initial_version(ctx, "job-1", {"layers.0.q.lora_B.weight": torch.zeros(4, 2)})
+    return ctx
+
+
+@pytest.fixture
+def honest_agents():
+    return HonestAgents()
+
+
+class DatabaseTamperer:
+    """What someone with the database's superuser rights can do: drop the append-only triggers,
+    edit rows, re-chain the hashes after an edit, delete the stored checkpoints. They cannot sign."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def drop_triggers(self):
+        with self.engine.begin() as conn:
+            for table in ("audit_events", "audit_checkpoints"):
+                if self.engine.dialect.name == "sqlite":
+                    conn.exec_driver_sql(f"DROP TRIGGER {table}_no_update")
+                    conn.exec_driver_sql(f"DROP TRIGGER {table}_no_delete")
+                else:
+                    conn.exec_driver_sql(f"DROP TRIGGER {table}_append_only ON {table}")
+                    conn.exec_driver_sql(f"DROP TRIGGER {table}_no_truncate ON {table}")
+
+    def execute(self, sql, **params):
+        from sqlalchemy import text
+
+        with self.engine.begin() as conn:
+            conn.execute(text(sql), params)
+
+    def rechain(self):
+        """Recompute every prev_hash / record_hash, so that the chain holds over the edited rows."""
+        from sqlalchemy import select, update
+
+        from fedtune.compliance.canonical import GENESIS_HASH, canonical_record, chain_hash
+        from fedtune.coordinator.store import AuditEvent
+        from fedtune.coordinator.store.audit import audit_record
+
+        sessions = create_session_factory(self.engine)
+        with sessions.begin() as s:
+            prev = GENESIS_HASH
+            for event in s.scalars(select(AuditEvent).order_by(AuditEvent.seq)).all():
+                record_hash = chain_hash(prev, canonical_record(audit_record(event)))
+                s.execute(update(AuditEvent).where(AuditEvent.seq == event.seq)
+                          .values(prev_hash=prev, record_hash=record_hash))
+                prev = record_hash
+
+
+@pytest.fixture
+def tamperer(store_engine):
+    return DatabaseTamperer(store_engine)
