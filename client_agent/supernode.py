@@ -2,9 +2,11 @@
 
 :func:`start_agent` starts the daemon (which loads the base once and writes its endpoint file when
 ready), then ``flower-supernode`` with ``--node-config "agent-endpoint='<endpoint file>'"`` and its
-own ClientAppIo port. TLS (``root_cert``) and node authentication (``auth_private_key``, an ECDSA
-P-384 key from ``ssh-keygen -t ecdsa -b 384 -N ""``) are optional; without TLS the SuperNode runs
-``--insecure`` (loopback tests only).
+own ClientAppIo port. TLS (``root_cert``: the SuperLink's CA certificate) and node authentication
+(``auth_private_key``: an OpenSSH ECDSA P-384 key, from :func:`write_supernode_auth_key` or
+``ssh-keygen -t ecdsa -b 384 -N ""``, whose ``.pub`` the coordinator registers with ``flwr supernode
+register`` before the SuperNode connects) are optional; without TLS the SuperNode runs ``--insecure``
+(loopback tests only).
 
 Process helpers (spawn, ports, stop) are the coordinator's :mod:`fedtune.coordinator.superlink`
 ones' twins, kept here so the agent side does not import the coordinator.
@@ -22,7 +24,32 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from fedtune.client_agent.daemon import ENDPOINT_FILE
+
+
+def write_supernode_auth_key(private_path: Path) -> Path:
+    """Create a SuperNode authentication key pair: an ECDSA P-384 private key in OpenSSH format at
+    ``private_path`` (mode 0600) and its public key at ``<private_path>.pub``, the files
+    ``ssh-keygen -t ecdsa -b 384 -N ""`` writes. Returns the public key's path (give that file to
+    the coordinator operator; the private key never leaves the agent host).
+
+    Raises:
+        FileExistsError: the private key exists (a key is never overwritten).
+    """
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private)
+    public_path = private_path.with_name(private_path.name + ".pub")
+    public_path.write_bytes(public + b" fedtune-supernode\n")
+    return public_path
 
 
 def _bin(name: str) -> str:
@@ -107,7 +134,7 @@ def wait_for_endpoint(state_dir: Path, proc: subprocess.Popen, timeout_s: float 
 
 def start_supernode(*, superlink_port: int, endpoint_file: Path, state_dir: Path, flwr_home: Path,
                     root_cert: Path | None = None, auth_private_key: Path | None = None,
-                    auth_public_key: Path | None = None, clientappio_port: int | None = None) -> subprocess.Popen:
+                    clientappio_port: int | None = None) -> subprocess.Popen:
     """Start ``flower-supernode`` connected to the SuperLink on 127.0.0.1:``superlink_port``."""
     args = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{superlink_port}",
             "--port", str(clientappio_port or _free_port()),
@@ -115,8 +142,6 @@ def start_supernode(*, superlink_port: int, endpoint_file: Path, state_dir: Path
     args += ["--root-certificates", str(root_cert)] if root_cert else ["--insecure"]
     if auth_private_key is not None:
         args += ["--auth-supernode-private-key", str(auth_private_key)]
-        if auth_public_key is not None:
-            args += ["--auth-supernode-public-key", str(auth_public_key)]
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -128,27 +153,25 @@ def start_supernode(*, superlink_port: int, endpoint_file: Path, state_dir: Path
 def start_agent(*, client_id: str, base: Path, key: Path, data: Path, state_dir: Path, superlink_port: int,
                 budget_epsilon: float | None = None, budget_delta: float | None = None,
                 root_cert: Path | None = None, auth_private_key: Path | None = None,
-                auth_public_key: Path | None = None, daemon_args: list[str] | None = None,
-                wait: bool = True) -> AgentProcesses:
+                daemon_args: list[str] | None = None, wait: bool = True) -> AgentProcesses:
     """Start one agent: its daemon, then (once the daemon is ready, if ``wait``) its SuperNode."""
     daemon = start_daemon(client_id=client_id, base=base, key=key, data=data, state_dir=state_dir,
                           budget_epsilon=budget_epsilon, budget_delta=budget_delta, extra_args=daemon_args)
     agent = AgentProcesses(client_id, daemon, None, state_dir)
     if wait:
         attach_supernode(agent, superlink_port=superlink_port, root_cert=root_cert,
-                         auth_private_key=auth_private_key, auth_public_key=auth_public_key)
+                         auth_private_key=auth_private_key)
     return agent
 
 
 def attach_supernode(agent: AgentProcesses, *, superlink_port: int, root_cert: Path | None = None,
-                     auth_private_key: Path | None = None, auth_public_key: Path | None = None) -> None:
+                     auth_private_key: Path | None = None) -> None:
     """Wait for the agent's daemon, then start its SuperNode."""
     try:
         endpoint = wait_for_endpoint(agent.state_dir, agent.daemon)
         agent.supernode = start_supernode(superlink_port=superlink_port, endpoint_file=endpoint,
                                           state_dir=agent.state_dir, flwr_home=agent.state_dir / "flwr-home",
-                                          root_cert=root_cert, auth_private_key=auth_private_key,
-                                          auth_public_key=auth_public_key)
+                                          root_cert=root_cert, auth_private_key=auth_private_key)
     except BaseException:
         agent.stop()
         raise

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedtune.coordinator.tls import TlsFiles
+
 APP_NAME = "fedtune-rounds"
 
 
@@ -51,15 +53,6 @@ def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str
                 "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")})
     env.update(extra or {})
     return env
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """Server TLS: CA certificate, server certificate (SAN must name 127.0.0.1) and its key."""
-
-    ca_cert: Path
-    cert: Path
-    key: Path
 
 
 @dataclass
@@ -202,6 +195,18 @@ def start_run(app_dir: Path, *, flwr_home: Path, connection: str, run_config: st
     """Start a run of the app on the SuperLink ``connection``; returns the Flower run id."""
     args = ["run", str(app_dir), connection] + (["--run-config", run_config] if run_config else [])
     return int(_flwr(args, flwr_home, app_dir.parent)["run-id"])
+
+
+def register_supernode(public_key: Path, *, flwr_home: Path, connection: str, cwd: Path) -> int:
+    """Register a SuperNode's public key (OpenSSH ECDSA, the agent's ``.pub`` file) with a SuperLink
+    started with ``supernode_auth``; returns the node id Flower assigns. Only registered SuperNodes
+    can connect."""
+    return int(_flwr(["supernode", "register", str(public_key), connection], flwr_home, cwd)["node-id"])
+
+
+def list_supernodes(*, flwr_home: Path, connection: str, cwd: Path) -> list[dict]:
+    """The SuperLink's SuperNodes as ``flwr supernode list`` reports them (node id, status, ...)."""
+    return list(_flwr(["supernode", "list", connection], flwr_home, cwd).get("nodes", []))
 
 
 def stop_run(run_id: int, *, flwr_home: Path, connection: str, cwd: Path) -> None:
