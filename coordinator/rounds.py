@@ -23,6 +23,12 @@ round number is taken again by the next attempt with a fresh nonce, so replies t
 attempt fail validation as ``wrong_nonce``. The commit re-checks that its parent version is still
 the newest, so two coordinators on one job cannot both append a version.
 
+Failpoints (a test hook, inert unless set): with ``FEDTUNE_FAILPOINT`` equal to one of
+``round.replies_received`` (replies in, nothing written), ``round.blob_written`` (blob on disk, no
+transaction yet), ``round.before_commit`` (every row flushed inside the open transaction) or
+``round.committed`` (right after the commit), the process kills itself with SIGKILL there;
+tests/coordinator/test_crash.py checks the store after each.
+
 Job config (``jobs.config``, JSON) read here::
 
     {"rounds": 2, "min_clients": 2, "clients": ["bank-a", ...],          # clients optional
@@ -36,7 +42,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
+import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -92,6 +100,14 @@ ACTOR_ID = "round-engine"
 BLOB_SUFFIX = ".ftb"
 
 Reply = TrainReply | Refusal | Rejected
+FAILPOINT_ENV = "FEDTUNE_FAILPOINT"
+
+
+def _failpoint(name: str) -> None:
+    """Kill this process with SIGKILL when ``$FEDTUNE_FAILPOINT`` is ``name`` (crash tests only;
+    see the module docstring). No cleanup runs: exactly what ``kill -9`` would leave."""
+    if os.environ.get(FAILPOINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RoundEngineError(RuntimeError):
@@ -393,6 +409,7 @@ def run_round(ctx: CoordinatorContext, job_id: str, transport: RoundTransport) -
     t1 = time.perf_counter()
     replies = transport.train(instruction, result.selected, plan.round_timeout_s)
     t2 = time.perf_counter()
+    _failpoint("round.replies_received")
     expected = RoundExpectation(job_id=job_id, round=start.number, nonce=nonce, base_digest=start.base_digest,
                                 current=start.current, norm_bound=plan.norm_bound, max_epsilon=plan.max_epsilon)
     outcomes = validate_replies(replies, expected=expected, clients=start.clients)
@@ -519,6 +536,7 @@ def _commit_completed(ctx: CoordinatorContext, start: _RoundStart, result: Round
     version = start.parent.version + 1
     # The blob goes to disk (fsynced) before the row that names it; a crash in between leaves an orphan.
     name, digest, size = write_adapter_blob(ctx, job_id, version, aggregated.tensors)
+    _failpoint("round.blob_written")
     result.status = "completed"
     try:
         with ctx.sessions.begin() as s:
@@ -558,12 +576,15 @@ def _commit_completed(ctx: CoordinatorContext, start: _RoundStart, result: Round
                 job = s.get(Job, job_id)
                 job.status, job.finished_at = "completed", datetime.now(UTC)
                 _audit(s, "job.completed", "job", job_id, "success", job_id=job_id, versions=version)
+            s.flush()  # every row is in the open transaction when the failpoint fires
+            _failpoint("round.before_commit")
     except BaseException:
         # The transaction rolled back (or never reached the database): the blob names nothing.
         # A crash before this line leaves it as an orphan for collect_orphan_blobs.
         (ctx.blob_dir / name).unlink(missing_ok=True)
         result.status = "failed"
         raise
+    _failpoint("round.committed")
     result.version = version
 
 
