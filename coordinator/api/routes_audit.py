@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import io
+import tempfile
+import zipfile
 from datetime import datetime
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import PlainTextResponse
+from fastapi import Path as Path_
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import func, select
 
 from fedtune.compliance.actions import ACTIONS
-from fedtune.coordinator.api.app import API_PREFIX, settings_of
+from fedtune.coordinator.api.app import API_PREFIX, record_change, settings_of
 from fedtune.coordinator.api.routes_federation import ERRORS, Limit, Offset, paginate
-from fedtune.coordinator.api.schemas import ID_PATTERN, INT32_MAX, AuditEventOut, CheckpointOut, Page
+from fedtune.coordinator.api.schemas import (
+    ID_PATTERN,
+    INT32_MAX,
+    AuditEventOut,
+    AuditExportIn,
+    CheckpointOut,
+    Page,
+    VerifyOut,
+)
 from fedtune.coordinator.store import AdapterVersion, AuditCheckpoint, AuditEvent, Client, Job, Round, Update
 
 router = APIRouter(prefix=API_PREFIX)
@@ -56,6 +70,92 @@ def query_events(
                             | ((AuditEvent.resource_type == "job") & (AuditEvent.resource_id == job_id)))
     with settings_of(request).ctx.sessions() as s:
         return paginate(s, query, limit, offset, lambda e: AuditEventOut.model_validate(e, from_attributes=True))
+
+
+def _signing_key(request: Request):
+    key = settings_of(request).signing_key
+    if key is None:
+        raise HTTPException(409, "this coordinator has no checkpoint signing key (serve creates one in DATA_DIR/keys)")
+    return key
+
+
+def _zip_dir(directory: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(directory.rglob("*")):
+            if path.is_file():
+                z.write(path, path.relative_to(directory).as_posix())
+    return buf.getvalue()
+
+
+@router.post("/audit/export", name="audit.export", tags=["audit"],
+             responses={**ERRORS, 200: {"content": {"application/zip": {}}, "description": "the export directory, "
+                                        "zipped: records, signed checkpoint, public key, manifest"},
+                        409: {"description": "no signing key configured"}})
+def export(body: AuditExportIn, request: Request) -> Response:
+    """Sign a checkpoint and export the audit trail (all records, or a job's / a time range's with
+    inclusion proofs). Verify the unzipped directory offline with ``fedtune audit verify DIR``."""
+    from fedtune.compliance.export import export_audit
+
+    key = _signing_key(request)
+    if body.since and body.until and body.since >= body.until:
+        raise HTTPException(422, "since must be before until")
+    with tempfile.TemporaryDirectory() as tmp, settings_of(request).ctx.sessions.begin() as s:
+        out = Path(tmp) / "audit-export"
+        result = export_audit(s, out, signing_key=key, record_format=body.format, job_id=body.job_id,
+                              since=body.since, until=body.until)
+        record_change(request, s, resource_type="audit", resource_id=None,
+                      context={"records": result.records, "complete": result.complete,
+                               "tree_size": result.checkpoint.tree_size, "root_hash": result.checkpoint.root_hash,
+                               "filter": {"job_id": body.job_id, "since": body.since and body.since.isoformat(),
+                                          "until": body.until and body.until.isoformat()}})
+        data = _zip_dir(out)
+    return Response(data, media_type="application/zip",
+                    headers={"Content-Disposition": 'attachment; filename="audit-export.zip"'})
+
+
+@router.post("/audit/verify", name="audit.verify", tags=["audit"], response_model=VerifyOut,
+             responses={**ERRORS, 409: {"description": "no signing key configured"}})
+def verify(request: Request) -> VerifyOut:
+    """Export the whole trail now and verify it as an auditor would offline (signature, chain,
+    Merkle root, consistency with the newest earlier checkpoint), against this coordinator's key."""
+    from fedtune.compliance.checkpoints import Checkpoint
+    from fedtune.compliance.export import export_audit
+    from fedtune.compliance.verify import verify_export
+
+    key = _signing_key(request)
+    with tempfile.TemporaryDirectory() as tmp:
+        with settings_of(request).ctx.sessions.begin() as s:
+            newest = select(AuditCheckpoint).order_by(AuditCheckpoint.id.desc()).limit(1)
+            earlier = s.execute(newest).scalar_one_or_none()
+            since = None if earlier is None else Checkpoint(
+                tree_size=earlier.tree_size, root_hash=earlier.root_hash, signed_at=earlier.signed_at,
+                key_id=earlier.key_id, signature=earlier.signature)
+            export_audit(s, Path(tmp) / "export", signing_key=key)
+        result = verify_export(Path(tmp) / "export", pubkey=key.public_key(), since_checkpoint=since)
+    first = result.first_problem
+    return VerifyOut(ok=result.ok, records=result.records, tree_size=result.tree_size, root_hash=result.root_hash,
+                     key_id=result.key_id, since_tree_size=result.since_tree_size,
+                     first_bad_seq=result.first_bad_seq, first_problem=str(first) if first else None,
+                     summary=result.summary())
+
+
+@router.get("/jobs/{job_id}/processing-record", name="report.processing", tags=["report"],
+            responses={**ERRORS, 200: {"content": {"application/json": {}, "text/markdown": {}},
+                                       "description": "the record of processing"}})
+def processing(job_id: Annotated[str, Path_(pattern=ID_PATTERN)], request: Request,
+               format: Annotated[Literal["json", "markdown"], Query()] = "json") -> Response:
+    """A job's record of processing (purpose, data categories, parties, safeguards, retention)."""
+    from fedtune.compliance.reports import ReportNotFound, processing_markdown, processing_record
+
+    with settings_of(request).ctx.sessions() as s:
+        try:
+            report = processing_record(s, job_id)
+        except ReportNotFound as e:
+            raise HTTPException(404, str(e)) from None
+    if format == "markdown":
+        return Response(processing_markdown(report), media_type="text/markdown")
+    return JSONResponse(jsonable_encoder(report))
 
 
 def _instant(name: str, text: str) -> datetime:

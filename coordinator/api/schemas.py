@@ -265,6 +265,18 @@ class AuditExportIn(Strict):
     until: AwareDatetime | None = None
 
 
+class VerifyOut(BaseModel):
+    ok: bool
+    records: int
+    tree_size: int | None
+    root_hash: str | None
+    key_id: str | None
+    since_tree_size: int | None
+    first_bad_seq: int | None
+    first_problem: str | None
+    summary: str
+
+
 class CheckpointOut(BaseModel):
     id: int
     tree_size: int

@@ -42,6 +42,9 @@ MATRIX = [
     ("GET", "/api/v1/clients/{client_id}/privacy/budget", "OA"),
     ("GET", "/api/v1/audit/events", "A"),
     ("GET", "/api/v1/audit/checkpoints", "A"),
+    ("POST", "/api/v1/audit/export", "A"),
+    ("POST", "/api/v1/audit/verify", "A"),
+    ("GET", "/api/v1/jobs/{job_id}/processing-record", "A"),
     ("GET", "/api/v1/metrics", "O"),
 ]
 
@@ -268,3 +271,18 @@ def test_audit_query_filters(api):
     assert api.get("/api/v1/audit/events?action=drop.table", headers=auth(api, "auditor")).status_code == 422
     naive = api.get("/api/v1/audit/events?since=2026-01-01T00:00:00", headers=auth(api, "auditor"))
     assert naive.status_code == 422 and "since" in naive.json()["detail"]
+
+
+def test_audit_export_and_verify_through_the_api(api, tmp_path):
+    from fedtune.compliance.verify import verify_export
+
+    register(api, "bank-a")
+    r = api.post("/api/v1/audit/export", headers=auth(api, "auditor"), json={"format": "jsonl"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(tmp_path / "export")
+    key = api.app.state.settings.signing_key.public_key()
+    assert verify_export(tmp_path / "export", pubkey=key).ok
+    v = api.post("/api/v1/audit/verify", headers=auth(api, "auditor")).json()
+    assert v["ok"] and v["since_tree_size"] is not None and v["first_bad_seq"] is None, v
+    checkpoints = api.get("/api/v1/audit/checkpoints", headers=auth(api, "auditor")).json()["items"]
+    assert len(checkpoints) == 2 and checkpoints[0]["tree_size"] < checkpoints[1]["tree_size"]
