@@ -4,6 +4,7 @@ import typer
 
 from fedtune.cli.demo import demo
 from fedtune.client_agent.cli import app as agent_app
+from fedtune.compliance.cli import app as audit_app
 from fedtune.coordinator.cli import app as coordinator_app
 from fedtune.model.cli import app as model_app
 
@@ -14,5 +15,6 @@ app = typer.Typer(
 )
 app.add_typer(model_app, name="model")
 app.add_typer(agent_app, name="agent")
+app.add_typer(audit_app, name="audit")
 app.add_typer(coordinator_app, name="coordinator")
 app.command()(demo)

@@ -12,6 +12,9 @@ Four checks per record, in log order:
 * ``sequence``: a complete log holds seq 1, 2, 3, ... in order (a record was deleted, inserted or
   moved); a filtered export holds increasing seqs and is linked only where seqs are adjacent.
 
+And over a complete log, ``history`` (:func:`check_announced_roots`): the roots that the log's own
+``audit.checkpoint_signed`` records state are the roots its records give.
+
 Plain Python only: the offline verifier imports this module.
 """
 
@@ -30,6 +33,7 @@ from fedtune.compliance.canonical import (
     canonical_record,
     chain_hash,
 )
+from fedtune.compliance.merkle import MerkleTree
 
 
 @dataclass(frozen=True)
@@ -144,3 +148,33 @@ def _check_link(record: Mapping[str, Any], seq: int, prev: Mapping[str, Any] | N
         return None
     return Problem(seq, "chain", f"prev_hash does not match the record_hash of seq {prev.get('seq')}: that "
                                  f"record or this one was changed, or records between them were removed")
+
+
+CHECKPOINT_ACTION = "audit.checkpoint_signed"
+
+
+def check_announced_roots(records: Sequence[Mapping[str, Any]], tree: MerkleTree) -> Problem | None:
+    """Compare the roots the log's own ``audit.checkpoint_signed`` records state (each the signed
+    root of the records before it) with the roots the records give now; the first that differs
+    narrows a change down to the records between it and the last one that matched.
+
+    Args:
+        records: the complete log, seq 1..n in order.
+        tree: the Merkle tree over their canonical bytes.
+    """
+    good = 0
+    for record in records:
+        context = record.get("context")
+        if record.get("action") != CHECKPOINT_ACTION or not isinstance(context, Mapping):
+            continue
+        size, stated = context.get("tree_size"), context.get("root_hash")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= tree.size:
+            return Problem(record.get("seq"), "history", f"the checkpoint record states tree_size {size!r}, "
+                                                         f"which is not a size of this log")
+        if tree.root(size).hex() != stated:
+            return Problem(None, "history", f"the checkpoint recorded at seq {record.get('seq')} states root "
+                                            f"{str(stated)[:16]}... for seq 1..{size}, the records give "
+                                            f"{tree.root(size).hex()[:16]}...: a record among seq "
+                                            f"{good + 1}..{size} was changed after that checkpoint was signed")
+        good = max(good, size)
+    return None

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fedtune.compliance.actions import check_action
 from fedtune.compliance.canonical import GENESIS_HASH, canonical_json, canonical_record, chain_hash, format_timestamp
-from fedtune.compliance.chain import walk_chain
+from fedtune.compliance.chain import check_announced_roots, walk_chain
 from fedtune.compliance.checkpoints import Checkpoint, sign_checkpoint
 from fedtune.compliance.merkle import MerkleTree
 from fedtune.coordinator.store.models import AuditCheckpoint, AuditEvent
@@ -140,12 +140,14 @@ def _lock_audit_log(session: Session) -> None:
 
 def read_audit_log(session: Session) -> tuple[list[dict[str, Any]], MerkleTree]:
     """Every record in seq order and the Merkle tree over their canonical bytes, after checking
-    the stored chain and the newest checkpoint. Take :func:`lock_audit_log` first when the result
-    is signed or exported, so that no record is appended in between.
+    the stored chain, the roots the log's checkpoint records state, and the newest checkpoint.
+    Take :func:`lock_audit_log` first when the result is signed or exported, so that no record is
+    appended in between.
 
     Raises:
-        AuditIntegrityError: the chain breaks, or the first ``tree_size`` records of the newest
-            stored checkpoint no longer have its root.
+        AuditIntegrityError: the chain breaks, a checkpoint record states a root the records no
+            longer give, or the first ``tree_size`` records of the newest stored checkpoint no
+            longer have its root.
     """
     records = [audit_record(e) for e in session.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars()]
     walk = walk_chain(records, complete=True)
@@ -153,6 +155,9 @@ def read_audit_log(session: Session) -> tuple[list[dict[str, Any]], MerkleTree]:
         more = f" (and {len(walk.problems) - 1} more problems)" if len(walk.problems) > 1 else ""
         raise AuditIntegrityError(f"the stored audit log is not sound: {walk.problems[0]}{more}")
     tree = MerkleTree.from_leaves(leaf for leaf in walk.leaves if leaf is not None)
+    problem = check_announced_roots(records, tree)
+    if problem is not None:
+        raise AuditIntegrityError(f"the stored audit log is not sound: {problem}")
     _check_newest_checkpoint(session, tree)
     return records, tree
 

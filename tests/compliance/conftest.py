@@ -96,6 +96,27 @@ class DatabaseTamperer:
         with self.engine.begin() as conn:
             conn.execute(text(sql), params)
 
+    def restate_checkpoint_records(self):
+        """Rewrite the roots the audit.checkpoint_signed records state to what the edited records give."""
+        from sqlalchemy import select, update
+
+        from fedtune.compliance.canonical import canonical_record
+        from fedtune.compliance.merkle import merkle_root
+        from fedtune.coordinator.store import AuditEvent
+        from fedtune.coordinator.store.audit import audit_record
+
+        sessions = create_session_factory(self.engine)
+        with sessions.begin() as s:
+            records = [audit_record(e) for e in s.scalars(select(AuditEvent).order_by(AuditEvent.seq)).all()]
+            for record in records:
+                if record["action"] == "audit.checkpoint_signed":
+                    size = record["context"]["tree_size"]
+                    record["context"] = {**record["context"],
+                                         "root_hash": merkle_root(canonical_record(r) for r in records[:size]).hex()}
+                    s.execute(update(AuditEvent).where(AuditEvent.seq == record["seq"])
+                              .values(context=record["context"]))
+        self.rechain()
+
     def rechain(self):
         """Recompute every prev_hash / record_hash, so that the chain holds over the edited rows."""
         from sqlalchemy import select, update

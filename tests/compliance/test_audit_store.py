@@ -139,7 +139,10 @@ def test_a_log_changed_behind_the_triggers_is_not_signed(sessions, coordinator_k
     tamperer.execute("UPDATE audit_events SET outcome = 'failure' WHERE seq = 3")  # naive: the chain breaks
     with pytest.raises(AuditIntegrityError, match=r"seq 3 \[content\]"), sessions.begin() as s:
         sign_audit_checkpoint(s, coordinator_key)
-    tamperer.rechain()  # careful: the chain holds again, the signed root does not
+    tamperer.rechain()  # careful: the chain holds again; the root the log's checkpoint record states does not
+    with pytest.raises(AuditIntegrityError, match=r"\[history\].*among seq 1\.\.4"), sessions.begin() as s:
+        sign_audit_checkpoint(s, coordinator_key)
+    tamperer.restate_checkpoint_records()  # thorough: that too; the signed checkpoint row still holds
     with pytest.raises(AuditIntegrityError, match=r"records 1\.\.4 no longer have the Merkle root"), \
             sessions.begin() as s:
         sign_audit_checkpoint(s, coordinator_key)

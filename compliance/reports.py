@@ -1,0 +1,297 @@
+"""Compliance reports from the coordinator's store, as JSON-able dicts and as Markdown.
+
+* :func:`adapter_lineage`: where an adapter version came from: its parent chain back to version 0
+  and the base model, the round that made each version, the clients that contributed, and the
+  record-level epsilon each client spent in each of those rounds (from the privacy ledger). Epsilon
+  is per client and is never summed across clients; a client's total over the lineage is the
+  basic-composition sum over its rounds (an upper bound).
+* :func:`processing_record`: a per-job record of processing: purpose, legal basis, data
+  categories, data subjects, parties, recipients, retention and safeguards. What only people can
+  say comes from the job config's ``processing`` object; a field it does not set reads
+  :data:`NOT_STATED`. Safeguards are derived from the job's config and from what fedtune enforces::
+
+      "processing": {"purpose": "...", "legal_basis": "...", "data_categories": ["..."],
+                     "data_subjects": "...", "controller": "...", "recipients": "...",
+                     "retention_days": 365, "safeguards": ["extra measures, as text"]}
+
+:data:`REPORT_RENDERERS` turns either report into Markdown. Reports name clients by their
+pseudonymous id and organization, never a person.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from fedtune.compliance.canonical import format_timestamp
+from fedtune.coordinator.store import AdapterVersion, AuditEvent, Client, Job, PrivacyLedgerEntry, Round
+
+NOT_STATED = "not stated"
+LINEAGE_FORMAT = "fedtune.report.lineage/v1"
+PROCESSING_FORMAT = "fedtune.report.processing/v1"
+
+
+class ReportNotFound(LookupError):
+    """The job or adapter version a report is asked for does not exist."""
+
+
+def _time(moment: datetime | None) -> str | None:
+    return format_timestamp(moment) if moment is not None else None
+
+
+def adapter_lineage(session: Session, job_id: str, version: int) -> dict[str, Any]:
+    """The lineage of adapter ``version`` of ``job_id`` (see the module docstring).
+
+    Returns:
+        ``{"report", "job_id", "version", "digest", "base_digest", "generated_at", "versions": [newest
+        first: version, digest, parent_version, round, aggregation, contributors, client_level,
+        audit_seq, ...], "clients": [client_id, org, rounds, records, epsilon_per_round,
+        epsilon_total, delta_total], "notes"}``.
+
+    Raises:
+        ReportNotFound: no such job or version.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        raise ReportNotFound(f"job {job_id!r} does not exist")
+    rows = {v.id: v for v in session.execute(select(AdapterVersion).where(AdapterVersion.job_id == job_id)).scalars()}
+    chain = [v for v in rows.values() if v.version == version]
+    if not chain:
+        raise ReportNotFound(f"job {job_id!r} has no adapter version {version}")
+    while chain[-1].parent_id is not None:
+        chain.append(rows[chain[-1].parent_id])
+    round_ids = [v.round_id for v in chain if v.round_id is not None]
+    rounds = {r.id: r for r in session.execute(select(Round).where(Round.id.in_(round_ids))).scalars()}
+    ledger = session.execute(select(PrivacyLedgerEntry).where(PrivacyLedgerEntry.round_id.in_(round_ids))).scalars()
+    record_level: dict[int, list[PrivacyLedgerEntry]] = defaultdict(list)
+    client_level: dict[int, PrivacyLedgerEntry] = {}
+    for entry in ledger:
+        if entry.kind == "record_level":
+            record_level[entry.round_id].append(entry)
+        else:
+            client_level[entry.round_id] = entry
+    audit_seqs = _version_audit_seqs(session, job_id)
+    versions = [_version_entry(v, rows, rounds.get(v.round_id), record_level, client_level, audit_seqs)
+                for v in chain]
+    return {
+        "report": LINEAGE_FORMAT, "job_id": job_id, "version": version, "digest": chain[0].digest,
+        "base_digest": job.base_digest, "generated_at": format_timestamp(datetime.now(UTC)),
+        "versions": versions, "clients": _client_totals(session, versions),
+        "notes": ["epsilon is record-level DP spent at each client, per round; it is never summed across "
+                  "clients. epsilon_total is the basic-composition sum over the rounds of this lineage (an "
+                  "upper bound; the agent's accountant may state a tighter one)."],
+    }
+
+
+def _version_audit_seqs(session: Session, job_id: str) -> dict[str, int]:
+    rows = session.execute(select(AuditEvent.resource_id, func.min(AuditEvent.seq))
+                           .where(AuditEvent.action == "adapter_version.created",
+                                  AuditEvent.resource_id.like(f"{job_id}/v%"))
+                           .group_by(AuditEvent.resource_id)).all()
+    return {resource: seq for resource, seq in rows}
+
+
+def _version_entry(v: AdapterVersion, rows: Mapping[int, AdapterVersion], rnd: Round | None,
+                   record_level: Mapping[int, list[PrivacyLedgerEntry]], client_level: Mapping[int, PrivacyLedgerEntry],
+                   audit_seqs: Mapping[str, int]) -> dict[str, Any]:
+    ledger = {e.client_id: e for e in record_level.get(v.round_id, [])} if v.round_id is not None else {}
+    contributors = []
+    for c in v.contributors:
+        entry = ledger.get(c.get("client_id"))
+        contributors.append({
+            "client_id": c.get("client_id"), "records": c.get("records"), "update_digest": c.get("digest"),
+            "epsilon": entry.epsilon if entry else c.get("epsilon"), "delta": entry.delta if entry else c.get("delta"),
+            "noise_multiplier": entry.noise_multiplier if entry else None,
+            "sample_rate": entry.sample_rate if entry else None, "steps": entry.steps if entry else None,
+        })
+    central = client_level.get(v.round_id) if v.round_id is not None else None
+    return {
+        "version": v.version, "digest": v.digest, "created_at": _time(v.created_at), "promoted": v.promoted,
+        "parent_version": rows[v.parent_id].version if v.parent_id is not None else None,
+        "round": rnd.number if rnd else None, "round_started_at": _time(rnd.started_at) if rnd else None,
+        "round_finished_at": _time(rnd.finished_at) if rnd else None, "aggregation": v.aggregation,
+        "contributors": contributors,
+        "client_level_dp": {"epsilon": central.epsilon, "delta": central.delta,
+                            "noise_multiplier": central.noise_multiplier} if central else None,
+        "audit_seq": audit_seqs.get(f"{v.job_id}/v{v.version}"),
+    }
+
+
+def _client_totals(session: Session, versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    per_client: dict[str, dict[str, Any]] = {}
+    for v in reversed(versions):  # oldest first
+        for c in v["contributors"]:
+            totals = per_client.setdefault(c["client_id"], {"client_id": c["client_id"], "rounds": [], "records": 0,
+                                                            "epsilon_per_round": []})
+            totals["rounds"].append(v["round"])
+            totals["records"] += c["records"] or 0
+            totals["epsilon_per_round"].append({"round": v["round"], "epsilon": c["epsilon"], "delta": c["delta"]})
+    orgs = dict(session.execute(select(Client.id, Client.org).where(Client.id.in_(per_client))).all())
+    out = []
+    for client_id, totals in sorted(per_client.items()):
+        spent = [e for e in totals["epsilon_per_round"] if e["epsilon"] is not None]
+        out.append({**totals, "org": orgs.get(client_id),
+                    "epsilon_total": sum(e["epsilon"] for e in spent) if spent else None,
+                    "delta_total": sum(e["delta"] or 0.0 for e in spent) if spent else None})
+    return out
+
+
+def processing_record(session: Session, job_id: str) -> dict[str, Any]:
+    """The record of processing of ``job_id`` (see the module docstring).
+
+    Raises:
+        ReportNotFound: no such job.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        raise ReportNotFound(f"job {job_id!r} does not exist")
+    config = job.config or {}
+    stated = config.get("processing") if isinstance(config.get("processing"), dict) else {}
+    statuses = dict(session.execute(select(Round.status, func.count()).where(Round.job_id == job_id)
+                                    .group_by(Round.status)).all())
+    spent = session.execute(select(PrivacyLedgerEntry.client_id, func.sum(PrivacyLedgerEntry.epsilon),
+                                   func.count()).where(PrivacyLedgerEntry.job_id == job_id,
+                                                       PrivacyLedgerEntry.kind == "record_level")
+                            .group_by(PrivacyLedgerEntry.client_id)).all()
+    contributed = {client_id: (float(eps), int(n)) for client_id, eps, n in spent}
+    listed = list(config.get("clients") or [])
+    client_ids = sorted(set(listed) | set(contributed))
+    clients = {c.id: c for c in session.execute(select(Client).where(Client.id.in_(client_ids))).scalars()}
+    retention_days = stated.get("retention_days")
+    versions = session.execute(select(func.count()).select_from(AdapterVersion)
+                               .where(AdapterVersion.job_id == job_id)).scalar_one()
+    return {
+        "report": PROCESSING_FORMAT, "job_id": job_id, "generated_at": format_timestamp(datetime.now(UTC)),
+        "status": job.status, "created_at": _time(job.created_at), "finished_at": _time(job.finished_at),
+        "purpose": stated.get("purpose") or NOT_STATED,
+        "legal_basis": stated.get("legal_basis") or NOT_STATED,
+        "data_categories": stated.get("data_categories") or NOT_STATED,
+        "data_subjects": stated.get("data_subjects") or NOT_STATED,
+        "controller": stated.get("controller") or NOT_STATED,
+        "recipients": stated.get("recipients") or NOT_STATED,
+        "retention": f"{retention_days} days" if isinstance(retention_days, int) else NOT_STATED,
+        "retention_days": retention_days if isinstance(retention_days, int) else None,
+        "parties": [{"client_id": cid, "org": clients[cid].org if cid in clients else None,
+                     "status": clients[cid].status if cid in clients else "unknown",
+                     "listed_in_job": cid in listed, "rounds_contributed": contributed.get(cid, (0.0, 0))[1],
+                     "epsilon_spent": contributed[cid][0] if cid in contributed else 0.0}
+                    for cid in client_ids],
+        "data_leaving_sites": "LoRA adapter updates trained with record-level DP, with signed receipts (epsilon, "
+                              "delta, digests); raw records and per-example gradients stay at each client",
+        "base_model_digest": job.base_digest,
+        "rounds": {"completed": statuses.get("completed", 0), "failed": statuses.get("failed", 0)},
+        "adapter_versions": versions,
+        "safeguards": _safeguards(config, stated),
+    }
+
+
+def _safeguards(config: Mapping[str, Any], stated: Mapping[str, Any]) -> list[str]:
+    privacy = (config.get("train") or {}).get("privacy") or {}
+    aggregation = config.get("aggregation") or {}
+    out = []
+    if privacy.get("target_epsilon") is not None:
+        out.append(f"record-level differential privacy at each client (DP-SGD): target epsilon "
+                   f"{privacy['target_epsilon']}, delta {privacy.get('delta', NOT_STATED)} per round")
+    else:
+        out.append("record-level differential privacy: no target epsilon in the job config")
+    if config.get("max_client_epsilon") is not None:
+        out.append(f"per-client budget for this job: epsilon <= {config['max_client_epsilon']} (basic composition); "
+                   f"each agent also enforces its own lifetime budget")
+    if aggregation.get("noise_multiplier"):
+        out.append(f"client-level differential privacy on the coordinator ({aggregation.get('method')}, noise "
+                   f"multiplier {aggregation['noise_multiplier']}, clip norm {aggregation.get('clip_norm')})")
+    if config.get("norm_bound") is not None:
+        out.append(f"updates with an L2 norm above {config['norm_bound']} are rejected")
+    out += [
+        "only adapter updates leave a client; each is signed (Ed25519) and bound to job, round, nonce and base model",
+        "adapter versions encrypted at rest (AES-256-GCM), SHA-256 digests in the store",
+        "append-only audit log: hash-chained canonical records, RFC 6962 Merkle tree, Ed25519-signed checkpoints",
+        "admin API: bearer tokens stored hashed, roles admin / operator / auditor, every request audited",
+    ]
+    extra = stated.get("safeguards")
+    if isinstance(extra, list):
+        out += [str(s) for s in extra]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(_cell(v) for v in row) + " |" for row in rows)]
+
+
+def lineage_markdown(report: Mapping[str, Any]) -> str:
+    """The lineage report as Markdown."""
+    lines = [f"# Lineage of {report['job_id']} adapter version {report['version']}", "",
+             f"- adapter digest: `{report['digest']}`", f"- base model digest: `{report['base_digest']}`",
+             f"- generated at: {report['generated_at']}", "", "## Versions (newest first)", ""]
+    lines += _table(["version", "parent", "round", "aggregation", "digest", "created", "audit seq", "contributors"],
+                    [[v["version"], v["parent_version"], v["round"], v["aggregation"], v["digest"], v["created_at"],
+                      v["audit_seq"], ", ".join(c["client_id"] for c in v["contributors"]) or "-"]
+                     for v in report["versions"]])
+    lines += ["", "## Clients", ""]
+    lines += _table(["client", "org", "rounds", "records", "epsilon per round", "epsilon total", "delta total"],
+                    [[c["client_id"], c["org"], ", ".join(str(r) for r in c["rounds"]), c["records"],
+                      ", ".join(f"r{e['round']}: {_cell(e['epsilon'])}" for e in c["epsilon_per_round"]),
+                      c["epsilon_total"], c["delta_total"]] for c in report["clients"]])
+    central = [(v["round"], v["client_level_dp"]) for v in report["versions"] if v["client_level_dp"]]
+    if central:
+        lines += ["", "## Client-level DP (coordinator)", ""]
+        lines += _table(["round", "epsilon", "delta", "noise multiplier"],
+                        [[r, d["epsilon"], d["delta"], d["noise_multiplier"]] for r, d in central])
+    lines += ["", *(f"> {note}" for note in report["notes"]), ""]
+    return "\n".join(lines)
+
+
+def processing_markdown(report: Mapping[str, Any]) -> str:
+    """The record of processing as Markdown."""
+    categories = report["data_categories"]
+    lines = [f"# Record of processing: job {report['job_id']}", "",
+             f"- generated at: {report['generated_at']}; job status: {report['status']} "
+             f"(created {report['created_at']}, finished {report['finished_at'] or '-'})", "",
+             "| item | value |", "|---|---|"]
+    for label, value in [("purpose", report["purpose"]), ("legal basis", report["legal_basis"]),
+                         ("data categories", ", ".join(categories) if isinstance(categories, list) else categories),
+                         ("data subjects", report["data_subjects"]), ("controller", report["controller"]),
+                         ("recipients", report["recipients"]), ("retention", report["retention"]),
+                         ("data leaving the sites", report["data_leaving_sites"]),
+                         ("base model digest", report["base_model_digest"]),
+                         ("rounds", f"{report['rounds']['completed']} completed, {report['rounds']['failed']} failed"),
+                         ("adapter versions", report["adapter_versions"])]:
+        lines.append(f"| {label} | {_cell(value)} |")
+    lines += ["", "## Parties", ""]
+    lines += _table(["client", "org", "status", "listed in job", "rounds contributed", "epsilon spent"],
+                    [[p["client_id"], p["org"], p["status"], "yes" if p["listed_in_job"] else "no",
+                      p["rounds_contributed"], p["epsilon_spent"]] for p in report["parties"]])
+    lines += ["", "## Safeguards", "", *(f"- {s}" for s in report["safeguards"]), ""]
+    return "\n".join(lines)
+
+
+REPORT_RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    LINEAGE_FORMAT: lineage_markdown,
+    PROCESSING_FORMAT: processing_markdown,
+}
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """Either report as Markdown (chosen by its ``report`` field)."""
+    renderer = REPORT_RENDERERS.get(report.get("report"))
+    if renderer is None:
+        raise ValueError(f"no Markdown renderer for report {report.get('report')!r}")
+    return renderer(report)

@@ -1,0 +1,101 @@
+"""Lineage and record-of-processing reports over a job the round engine ran (two rounds, three
+honest clients, epsilon 2.0 each per round; records 100 / 200 / 300)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from fedtune.cli import app
+from fedtune.compliance.reports import (
+    NOT_STATED,
+    ReportNotFound,
+    adapter_lineage,
+    processing_record,
+    report_markdown,
+)
+from fedtune.coordinator.rounds import run_job
+from fedtune.coordinator.store import AuditEvent, Job
+
+
+@pytest.fixture
+def ran(job_context, honest_agents):
+    assert [r.status for r in run_job(job_context, "job-1", honest_agents)] == ["completed", "completed"]
+    return job_context.sessions
+
+
+def test_lineage_of_the_last_version(ran):
+    with ran() as s:
+        report = adapter_lineage(s, "job-1", 2)
+        seqs = {e.resource_id: e.seq for e in s.scalars(select(AuditEvent).where(
+            AuditEvent.action == "adapter_version.created"))}
+    assert report["base_digest"] == "sha256:base"
+    assert [(v["version"], v["parent_version"], v["round"]) for v in report["versions"]] == \
+        [(2, 1, 2), (1, 0, 1), (0, None, None)]
+    assert [v["audit_seq"] for v in report["versions"]] == [seqs["job-1/v2"], seqs["job-1/v1"], seqs["job-1/v0"]]
+    v2 = report["versions"][0]
+    assert v2["aggregation"] == "ffa" and v2["client_level_dp"] is None
+    assert [(c["client_id"], c["records"], c["epsilon"], c["delta"]) for c in v2["contributors"]] == \
+        [("bank-a", 100, 2.0, 1e-5), ("bank-b", 200, 2.0, 1e-5), ("hospital-c", 300, 2.0, 1e-5)]
+    clients = {c["client_id"]: c for c in report["clients"]}
+    assert clients["bank-b"]["org"] == "bank" and clients["bank-b"]["rounds"] == [1, 2]
+    assert clients["bank-b"]["records"] == 400
+    assert clients["bank-b"]["epsilon_per_round"] == [{"round": 1, "epsilon": 2.0, "delta": 1e-5},
+                                                      {"round": 2, "epsilon": 2.0, "delta": 1e-5}]
+    assert clients["bank-b"]["epsilon_total"] == 4.0  # per client, over its two rounds; never across clients
+    markdown = report_markdown(report)
+    assert "# Lineage of job-1 adapter version 2" in markdown and "| bank-b | bank | 1, 2 | 400 |" in markdown
+    assert json.loads(json.dumps(report)) == report  # JSON as it stands
+
+    with ran() as s:
+        v1 = adapter_lineage(s, "job-1", 1)
+    assert [v["version"] for v in v1["versions"]] == [1, 0] and v1["clients"][0]["epsilon_total"] == 2.0
+
+
+def test_record_of_processing(ran):
+    with ran() as s:
+        report = processing_record(s, "job-1")
+    assert report["purpose"] == "fraud-memo classification"
+    assert report["data_categories"] == ["transaction memos"]
+    assert (report["retention"], report["retention_days"]) == ("365 days", 365)
+    assert report["legal_basis"] == report["controller"] == report["data_subjects"] == NOT_STATED
+    assert report["status"] == "completed" and report["rounds"] == {"completed": 2, "failed": 0}
+    assert report["adapter_versions"] == 3
+    assert [(p["client_id"], p["org"], p["rounds_contributed"], p["epsilon_spent"]) for p in report["parties"]] == \
+        [("bank-a", "bank", 2, 4.0), ("bank-b", "bank", 2, 4.0), ("hospital-c", "hospital", 2, 4.0)]
+    safeguards = "\n".join(report["safeguards"])
+    assert "target epsilon 4.0, delta 1e-05" in safeguards and "epsilon <= 10.0" in safeguards
+    assert "L2 norm above 1.0" in safeguards
+    markdown = report_markdown(report)
+    assert "| purpose | fraud-memo classification |" in markdown and "| retention | 365 days |" in markdown
+
+
+def test_unstated_processing_reads_not_stated(ran):
+    with ran.begin() as s:
+        s.add(Job(id="job-2", base_digest="sha256:base", config={"rounds": 1}))
+    with ran() as s:
+        report = processing_record(s, "job-2")
+    assert {report[k] for k in ("purpose", "legal_basis", "data_categories", "retention")} == {NOT_STATED}
+    assert report["parties"] == [] and "no target epsilon" in report["safeguards"][0]
+
+
+def test_missing_job_or_version(ran):
+    with ran() as s, pytest.raises(ReportNotFound, match="no adapter version 7"):
+        adapter_lineage(s, "job-1", 7)
+    with ran() as s, pytest.raises(ReportNotFound, match="'job-9' does not exist"):
+        processing_record(s, "job-9")
+
+
+def test_report_commands(ran, database_url):
+    runner = CliRunner()
+    result = runner.invoke(app, ["audit", "lineage", "--job", "job-1", "--version", "2", "--output", "json",
+                                 "--database-url", database_url])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["versions"][0]["version"] == 2
+    result = runner.invoke(app, ["audit", "processing", "--job", "job-1", "--database-url", database_url])
+    assert result.exit_code == 0 and result.output.startswith("# Record of processing: job job-1")
+    result = runner.invoke(app, ["audit", "processing", "--job", "nope", "--database-url", database_url])
+    assert result.exit_code == 1 and "does not exist" in result.output
