@@ -21,6 +21,7 @@ from fedtune.coordinator.api.routes_federation import ERRORS, Limit, Offset, pag
 from fedtune.coordinator.api.schemas import (
     ID_PATTERN,
     INT32_MAX,
+    RFC3339,
     AuditEventOut,
     AuditExportIn,
     CheckpointOut,
@@ -31,8 +32,6 @@ from fedtune.coordinator.store import AdapterVersion, AuditCheckpoint, AuditEven
 
 router = APIRouter(prefix=API_PREFIX)
 
-# RFC 3339 date-time with a mandatory offset (a naive time would be ambiguous)
-RFC3339 = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})$"
 
 ACTION_PATTERN = "^(" + "|".join(a.replace(".", r"\.") for a in sorted(ACTIONS)) + ")$"
 
@@ -98,17 +97,18 @@ def export(body: AuditExportIn, request: Request) -> Response:
     from fedtune.compliance.export import export_audit
 
     key = _signing_key(request)
-    if body.since and body.until and body.since >= body.until:
-        raise HTTPException(422, "since must be before until")
+    since = _instant("since", body.since) if body.since else None
+    until = _instant("until", body.until) if body.until else None
+    if since and until and since >= until:
+        raise HTTPException(422, f"since ({body.since}) must be before until ({body.until})")
     with tempfile.TemporaryDirectory() as tmp, settings_of(request).ctx.sessions.begin() as s:
         out = Path(tmp) / "audit-export"
         result = export_audit(s, out, signing_key=key, record_format=body.format, job_id=body.job_id,
-                              since=body.since, until=body.until)
+                              since=since, until=until)
         record_change(request, s, resource_type="audit", resource_id=None,
                       context={"records": result.records, "complete": result.complete,
                                "tree_size": result.checkpoint.tree_size, "root_hash": result.checkpoint.root_hash,
-                               "filter": {"job_id": body.job_id, "since": body.since and body.since.isoformat(),
-                                          "until": body.until and body.until.isoformat()}})
+                               "filter": {"job_id": body.job_id, "since": body.since, "until": body.until}})
         data = _zip_dir(out)
     return Response(data, media_type="application/zip",
                     headers={"Content-Disposition": 'attachment; filename="audit-export.zip"'})

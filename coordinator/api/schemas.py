@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints, model_validator
 
 from fedtune.client_agent.lora import DEFAULT_TARGET_MODULES
 from fedtune.coordinator.aggregation import AGGREGATORS
@@ -258,11 +258,16 @@ class AuditEventOut(BaseModel):
     record_hash: str | None
 
 
+# RFC 3339 date-time with a mandatory offset (a naive time would be ambiguous; numbers are refused)
+RFC3339 = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})$"
+Instant = Annotated[str, StringConstraints(pattern=RFC3339)]
+
+
 class AuditExportIn(Strict):
     format: Literal["jsonl", "csv"] = "jsonl"
     job_id: Id | None = None
-    since: AwareDatetime | None = None
-    until: AwareDatetime | None = None
+    since: Instant | None = Field(None, description="records at or after (RFC 3339 with offset)")
+    until: Instant | None = Field(None, description="records before (RFC 3339 with offset)")
 
 
 class VerifyOut(BaseModel):
