@@ -214,11 +214,17 @@ def stop_run(run_id: int, *, flwr_home: Path, connection: str, cwd: Path) -> Non
     _flwr(["stop", str(run_id), connection], flwr_home, cwd)
 
 
+def run_info(run_id: int, *, flwr_home: Path, connection: str, cwd: Path) -> dict:
+    """The run as ``flwr ls --run-id`` reports it: ``status``, ``status-details``, ``elapsed``,
+    ``network-traffic`` (``inbound-bytes`` from SuperNodes, ``outbound-bytes``), ``compute-time``;
+    empty when the SuperLink does not know the run."""
+    runs = _flwr(["ls", connection, "--run-id", str(run_id)], flwr_home, cwd).get("runs", [])
+    return dict(runs[0]) if runs else {}
+
+
 def run_status(run_id: int, *, flwr_home: Path, connection: str, cwd: Path) -> str:
     """``pending``, ``starting``, ``running`` or ``finished:{completed,failed,stopped}``."""
-    data = _flwr(["ls", connection, "--run-id", str(run_id)], flwr_home, cwd)
-    runs = data.get("runs", [])
-    return str(runs[0].get("status", "")) if runs else ""
+    return str(run_info(run_id, flwr_home=flwr_home, connection=connection, cwd=cwd).get("status", ""))
 
 
 def wait_for_run(run_id: int, *, flwr_home: Path, connection: str, cwd: Path, timeout_s: float,

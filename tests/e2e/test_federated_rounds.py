@@ -7,8 +7,6 @@ then a new ``flwr run`` for the same job finishing it."""
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import signal
 import subprocess
@@ -19,38 +17,13 @@ import pytest
 from sqlalchemy import select
 
 from fedtune.client_agent.ledger import PrivacyLedger
-from fedtune.compliance.signing import encode_public_key, generate_signing_key, save_private_key
-from fedtune.coordinator.encryption import generate_blob_key
-from fedtune.coordinator.migrations import upgrade_database
-from fedtune.coordinator.rounds import CoordinatorContext, create_initial_version, read_adapter_version
-from fedtune.coordinator.store import (
-    AdapterVersion,
-    AuditEvent,
-    Client,
-    Job,
-    PrivacyLedgerEntry,
-    Round,
-    create_session_factory,
-    create_store_engine,
-)
-from fedtune.coordinator.superlink import (
-    free_port,
-    list_supernodes,
-    register_supernode,
-    start_run,
-    start_superlink,
-    venv_bin,
-    wait_for_port,
-    wait_for_run,
-    write_flower_app_dir,
-    write_flwr_home,
-)
-from fedtune.coordinator.tls import write_self_signed_ca_and_server_cert
+from fedtune.coordinator.rounds import read_adapter_version
+from fedtune.coordinator.store import AdapterVersion, AuditEvent, Job, PrivacyLedgerEntry, Round
+from fedtune.coordinator.superlink import list_supernodes
+from tests.e2e.federation import CLIENTS, CONNECTION, Federation, make_int4_base
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-CLIENTS = ("bank-a", "bank-b", "hospital-c")
-CONNECTION = "fedtune"
 LORA = {"ffa": True, "rank": 2, "target_modules": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
                                                    "o_proj"]}
 JOB_CONFIG = {
@@ -64,113 +37,7 @@ JOB_CONFIG = {
 
 @pytest.fixture(scope="session")
 def int4_base(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("base")
-    fedtune = venv_bin("fedtune")
-    subprocess.run([fedtune, "model", "init-tiny", str(root / "float")], check=True, capture_output=True)
-    subprocess.run([fedtune, "model", "convert", str(root / "float"), str(root / "int4"), "--quant", "int4"],
-                   check=True, capture_output=True)
-    return root / "int4"
-
-
-def _write_records(path: Path, client: str, n: int = 16) -> None:
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"prompt": f"{client} question {i}:", "completion": f" answer {i % 5}"}) + "\n")
-
-
-class Federation:
-    """The coordinator's store, a SuperLink and one agent (daemon + SuperNode) per client.
-
-    ``secure``: the SuperLink serves TLS (a CA and a certificate for 127.0.0.1 made by
-    ``coordinator/tls.py``) and admits only SuperNodes whose ECDSA P-384 keys were registered with
-    ``flwr supernode register`` before they start; SuperNodes verify the SuperLink with the CA."""
-
-    def __init__(self, root: Path, base: Path, *, secure: bool = False) -> None:
-        self.root, self.base, self.secure = root, base, secure
-        self.procs: list = []
-        self.agents: list = []
-        self.tls = None
-        self.db_url = f"sqlite:///{root / 'coordinator.db'}"
-        key_file = root / "blob.key"
-        blob_key = generate_blob_key()
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(base64.b64encode(blob_key.key).decode())
-        self.env = {"FEDTUNE_DATABASE_URL": self.db_url, "FEDTUNE_BLOB_DIR": str(root / "blobs"),
-                    "FEDTUNE_BLOB_KEY_FILE": str(key_file),
-                    "FEDTUNE_ROUND_METRICS_FILE": str(root / "round-metrics.jsonl")}
-        engine = create_store_engine(self.db_url)
-        upgrade_database(engine)
-        self.ctx = CoordinatorContext(sessions=create_session_factory(engine, immediate=True),
-                                      blob_dir=root / "blobs", blob_key=blob_key)
-
-    def register(self, job_id: str, config: dict) -> dict[str, Path]:
-        from fedtune.client_agent.daemon import initial_adapter_state
-        from fedtune.client_agent.lora import LoraSettings
-        from fedtune.model import load_pretrained
-        from fedtune.model.safetensors_index import checkpoint_digest, read_index
-
-        keys = {}
-        with self.ctx.sessions.begin() as s:
-            for client in CLIENTS:
-                d = self.root / client
-                d.mkdir()
-                key = generate_signing_key()
-                save_private_key(d / "key.pem", key)
-                _write_records(d / "data.jsonl", client)
-                keys[client] = d / "key.pem"
-                s.add(Client(id=client, org=client, name=client, public_key=encode_public_key(key)))
-            s.add(Job(id=job_id, base_digest=checkpoint_digest(read_index(self.base)), config=config))
-        base = load_pretrained(self.base)
-        create_initial_version(self.ctx, job_id, initial_adapter_state(base, LoraSettings.from_json(LORA)))
-        return keys
-
-    def start(self, keys: dict[str, Path]) -> None:
-        from fedtune.client_agent.supernode import attach_supernode, start_agent, write_supernode_auth_key
-
-        self.port = free_port()
-        if self.secure:
-            self.tls = write_self_signed_ca_and_server_cert(self.root / "tls", ["127.0.0.1"])
-        link = start_superlink(self.root / "superlink", port=self.port, env_extra=self.env, tls=self.tls,
-                               supernode_auth=self.secure)
-        self.procs.append(link)
-        for client in CLIENTS:  # daemons load in parallel; SuperNodes follow once each is ready
-            self.agents.append(start_agent(client_id=client, base=self.base, key=keys[client],
-                                           data=self.root / client / "data.jsonl",
-                                           state_dir=self.root / client / "state",
-                                           superlink_port=self.port, budget_epsilon=1000.0, budget_delta=1e-3,
-                                           wait=False))
-        wait_for_port(self.port, proc=link)
-        root_cert = self.tls.ca_cert if self.tls else None
-        self.flwr_home = write_flwr_home(self.root / "flwr-home", name=CONNECTION, port=self.port,
-                                         root_cert=root_cert)
-        self.app_dir = write_flower_app_dir(self.root / "app")
-        node_keys: dict[str, Path | None] = dict.fromkeys(CLIENTS)
-        if self.secure:  # the operator registers each site's public key before its SuperNode connects
-            for client in CLIENTS:
-                node_keys[client] = self.root / client / "node-key"
-                public = write_supernode_auth_key(node_keys[client])
-                register_supernode(public, flwr_home=self.flwr_home, connection=CONNECTION, cwd=self.root)
-        for agent in self.agents:
-            attach_supernode(agent, superlink_port=self.port, root_cert=root_cert,
-                             auth_private_key=node_keys[agent.client_id])
-
-    def start_run(self, job_id: str) -> int:
-        return start_run(self.app_dir, flwr_home=self.flwr_home, connection=CONNECTION,
-                         run_config=f"job-id='{job_id}' expected-nodes=3")
-
-    def wait(self, run_id: int, timeout_s: float = 420) -> str:
-        return wait_for_run(run_id, flwr_home=self.flwr_home, connection=CONNECTION, cwd=self.root,
-                            timeout_s=timeout_s)
-
-    def logs(self) -> str:
-        return "\n".join([p.log_tail() for p in self.procs] + [a.log_tail() for a in self.agents])
-
-    def stop(self) -> None:
-        for agent in self.agents:
-            agent.stop()
-        for proc in self.procs:
-            proc.stop()
+    return make_int4_base(tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture
@@ -211,8 +78,8 @@ def assert_job_completed_once(fed: Federation, job_id: str) -> None:
 @pytest.mark.parametrize("federation", ["insecure", "tls-node-auth"], indirect=True)
 def test_two_rounds_on_flower_with_three_agents(federation):
     fed = federation
-    keys = fed.register("job-e2e", JOB_CONFIG)
-    fed.start(keys)
+    fed.register("job-e2e", JOB_CONFIG)
+    fed.start()
     t = time.perf_counter()
     status = fed.wait(fed.start_run("job-e2e"))
     elapsed = time.perf_counter() - t
@@ -226,7 +93,7 @@ def test_two_rounds_on_flower_with_three_agents(federation):
     if fed.secure:
         _assert_unregistered_supernode_is_refused(fed)
     print(f"e2e ({'TLS + node auth' if fed.secure else 'insecure'}): 2 rounds, 3 agents, {elapsed:.1f} s from "
-          f"flwr run to finished; round metrics in {fed.root / 'round-metrics.jsonl'}")
+          f"flwr run to finished; round metrics in {fed.metrics_file}")
 
 
 def _assert_unregistered_supernode_is_refused(fed: Federation) -> None:
@@ -316,8 +183,8 @@ def _agents_training_round(fed: Federation, number: int) -> bool:
 
 def test_coordinator_killed_mid_round_is_restarted_and_finishes_the_job(federation):
     fed = federation
-    keys = fed.register("job-crash", JOB_CONFIG)
-    fed.start(keys)
+    fed.register("job-crash", JOB_CONFIG)
+    fed.start()
     t = time.perf_counter()
     first = fed.start_run("job-crash")
     superlink = fed.procs[0].popen.pid

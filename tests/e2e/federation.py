@@ -1,0 +1,151 @@
+"""A whole federation on 127.0.0.1 as real processes, for the e2e tests and ``benchmarks/round.py``.
+
+:class:`Federation`: the coordinator's store (SQLite, encrypted blobs), a Flower SuperLink (the
+ServerApp runs under it) and one agent per client (daemon holding the base + SuperNode).
+``secure=True``: the SuperLink serves TLS on a certificate for 127.0.0.1 from a private CA
+(``coordinator/tls.py``) and admits only SuperNodes whose ECDSA P-384 keys were registered with
+``flwr supernode register`` before they start; SuperNodes verify the SuperLink with the CA.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from fedtune.compliance.signing import encode_public_key, generate_signing_key, save_private_key
+from fedtune.coordinator.encryption import generate_blob_key
+from fedtune.coordinator.migrations import upgrade_database
+from fedtune.coordinator.rounds import CoordinatorContext, create_initial_version
+from fedtune.coordinator.store import Client, Job, create_session_factory, create_store_engine
+from fedtune.coordinator.superlink import (
+    free_port,
+    register_supernode,
+    start_run,
+    start_superlink,
+    venv_bin,
+    wait_for_port,
+    wait_for_run,
+    write_flower_app_dir,
+    write_flwr_home,
+)
+from fedtune.coordinator.tls import write_self_signed_ca_and_server_cert
+
+CLIENTS = ("bank-a", "bank-b", "hospital-c")
+CONNECTION = "fedtune"
+
+
+def make_int4_base(root: Path, preset: str = "tiny") -> Path:
+    """A random ``preset`` checkpoint converted to int4 with the fedtune CLI; returns its directory."""
+    fedtune = venv_bin("fedtune")
+    subprocess.run([fedtune, "model", "init-tiny", str(root / "float"), "--preset", preset], check=True,
+                   capture_output=True)
+    subprocess.run([fedtune, "model", "convert", str(root / "float"), str(root / "int4"), "--quant", "int4"],
+                   check=True, capture_output=True)
+    return root / "int4"
+
+
+def write_records(path: Path, client: str, n: int = 16) -> None:
+    """``n`` JSONL prompt/completion records of one client."""
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"{client} question {i}:", "completion": f" answer {i % 5}"}) + "\n")
+
+
+class Federation:
+    """Store, SuperLink and agents under ``root``; :meth:`register` a job, :meth:`start`, :meth:`run`."""
+
+    def __init__(self, root: Path, base: Path, *, secure: bool = False, clients: tuple[str, ...] = CLIENTS) -> None:
+        self.root, self.base, self.secure, self.clients = root, base, secure, clients
+        self.procs: list = []
+        self.agents: list = []
+        self.keys: dict[str, Path] = {}
+        self.tls = None
+        self.db_url = f"sqlite:///{root / 'coordinator.db'}"
+        self.metrics_file = root / "round-metrics.jsonl"
+        root.mkdir(parents=True, exist_ok=True)
+        key_file = root / "blob.key"
+        blob_key = generate_blob_key()
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.b64encode(blob_key.key).decode())
+        self.env = {"FEDTUNE_DATABASE_URL": self.db_url, "FEDTUNE_BLOB_DIR": str(root / "blobs"),
+                    "FEDTUNE_BLOB_KEY_FILE": str(key_file), "FEDTUNE_ROUND_METRICS_FILE": str(self.metrics_file)}
+        engine = create_store_engine(self.db_url)
+        upgrade_database(engine)
+        self.ctx = CoordinatorContext(sessions=create_session_factory(engine, immediate=True),
+                                      blob_dir=root / "blobs", blob_key=blob_key)
+
+    def register(self, job_id: str, config: dict) -> None:
+        """Register the clients (first call: keys and local data made here) and a job with its version 0."""
+        from fedtune.client_agent.daemon import initial_adapter_state
+        from fedtune.client_agent.lora import LoraSettings
+        from fedtune.model import load_pretrained
+        from fedtune.model.safetensors_index import checkpoint_digest, read_index
+
+        with self.ctx.sessions.begin() as s:
+            for client in self.clients:
+                if client in self.keys:
+                    continue
+                d = self.root / client
+                d.mkdir()
+                key = generate_signing_key()
+                save_private_key(d / "key.pem", key)
+                write_records(d / "data.jsonl", client)
+                self.keys[client] = d / "key.pem"
+                s.add(Client(id=client, org=client, name=client, public_key=encode_public_key(key)))
+            s.add(Job(id=job_id, base_digest=checkpoint_digest(read_index(self.base)), config=config))
+        lora = LoraSettings.from_json(config["train"]["lora"])
+        create_initial_version(self.ctx, job_id, initial_adapter_state(load_pretrained(self.base), lora))
+
+    def start(self) -> None:
+        """SuperLink, then the agents' daemons (loading in parallel), then their SuperNodes."""
+        from fedtune.client_agent.supernode import attach_supernode, start_agent, write_supernode_auth_key
+
+        self.port = free_port()
+        if self.secure:
+            self.tls = write_self_signed_ca_and_server_cert(self.root / "tls", ["127.0.0.1"])
+        link = start_superlink(self.root / "superlink", port=self.port, env_extra=self.env, tls=self.tls,
+                               supernode_auth=self.secure)
+        self.procs.append(link)
+        for client in self.clients:
+            self.agents.append(start_agent(client_id=client, base=self.base, key=self.keys[client],
+                                           data=self.root / client / "data.jsonl",
+                                           state_dir=self.root / client / "state",
+                                           superlink_port=self.port, budget_epsilon=1000.0, budget_delta=1e-3,
+                                           wait=False))
+        wait_for_port(self.port, proc=link)
+        self.root_cert = self.tls.ca_cert if self.tls else None
+        self.flwr_home = write_flwr_home(self.root / "flwr-home", name=CONNECTION, port=self.port,
+                                         root_cert=self.root_cert)
+        self.app_dir = write_flower_app_dir(self.root / "app")
+        node_keys: dict[str, Path | None] = dict.fromkeys(self.clients)
+        if self.secure:  # the operator registers each site's public key before its SuperNode connects
+            for client in self.clients:
+                node_keys[client] = self.root / client / "node-key"
+                public = write_supernode_auth_key(node_keys[client])
+                register_supernode(public, flwr_home=self.flwr_home, connection=CONNECTION, cwd=self.root)
+        for agent in self.agents:
+            attach_supernode(agent, superlink_port=self.port, root_cert=self.root_cert,
+                             auth_private_key=node_keys[agent.client_id])
+
+    def start_run(self, job_id: str) -> int:
+        """``flwr run`` of the job; returns the Flower run id."""
+        return start_run(self.app_dir, flwr_home=self.flwr_home, connection=CONNECTION,
+                         run_config=f"job-id='{job_id}' expected-nodes={len(self.clients)}")
+
+    def wait(self, run_id: int, timeout_s: float = 420) -> str:
+        """The run's final Flower status (``finished:completed`` when the ServerApp returned)."""
+        return wait_for_run(run_id, flwr_home=self.flwr_home, connection=CONNECTION, cwd=self.root,
+                            timeout_s=timeout_s)
+
+    def logs(self) -> str:
+        return "\n".join([p.log_tail() for p in self.procs] + [a.log_tail() for a in self.agents])
+
+    def stop(self) -> None:
+        for agent in self.agents:
+            agent.stop()
+        for proc in self.procs:
+            proc.stop()
