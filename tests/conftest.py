@@ -48,3 +48,15 @@ def _postgres_schema_url(base_url: str):
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture
+def store_engine(database_url):
+    """An engine on a freshly migrated store (SQLite and, when configured, PostgreSQL)."""
+    from fedtune.coordinator.migrations import upgrade_database
+    from fedtune.coordinator.store import create_store_engine
+
+    engine = create_store_engine(database_url)
+    upgrade_database(engine)
+    yield engine
+    engine.dispose()

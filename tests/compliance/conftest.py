@@ -6,9 +6,8 @@ import torch
 from fedtune.compliance.signing import encode_public_key, generate_signing_key
 from fedtune.compliance.wire import sign_train_reply
 from fedtune.coordinator.encryption import generate_blob_key
-from fedtune.coordinator.migrations import upgrade_database
 from fedtune.coordinator.rounds import CoordinatorContext, create_initial_version
-from fedtune.coordinator.store import Client, Job, create_session_factory, create_store_engine
+from fedtune.coordinator.store import Client, Job, create_session_factory
 
 CLIENT_KEYS = {c: generate_signing_key() for c in ("bank-a", "bank-b", "hospital-c")}
 JOB_CONFIG = {
@@ -18,15 +17,6 @@ JOB_CONFIG = {
     "processing": {"purpose": "fraud-memo classification", "data_categories": ["transaction memos"],
                    "retention_days": 365},
 }
-
-
-@pytest.fixture
-def store_engine(database_url):
-    """A migrated store (SQLite and, when configured, PostgreSQL)."""
-    engine = create_store_engine(database_url)
-    upgrade_database(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

@@ -9,19 +9,15 @@ from fedtune.coordinator.api import ApiSettings, create_app
 from fedtune.coordinator.api.auth import create_token, revoke_token
 from fedtune.coordinator.encryption import generate_blob_key
 from fedtune.coordinator.jobs import BaseCatalog
-from fedtune.coordinator.migrations import upgrade_database
 from fedtune.coordinator.rounds import CoordinatorContext
-from fedtune.coordinator.store import create_session_factory, create_store_engine
+from fedtune.coordinator.store import create_session_factory
 from tests.coordinator.api_support import ROLES
 
 
 @pytest.fixture
-def engine(database_url):
-    """An engine on a freshly migrated database (SQLite and, when configured, PostgreSQL)."""
-    engine = create_store_engine(database_url)
-    upgrade_database(engine)
-    yield engine
-    engine.dispose()
+def engine(store_engine):
+    """The migrated store of tests/conftest.py under the name the coordinator tests use."""
+    return store_engine
 
 
 @pytest.fixture
