@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -37,6 +38,7 @@ JOB_STATUSES = ("created", "running", "paused", "completed", "failed", "aborted"
 ROUND_STATUSES = ("pending", "running", "completed", "failed")
 UPDATE_STATUSES = ("accepted", "rejected", "refused")
 LEDGER_KINDS = ("record_level", "client_level")
+NODE_RETIREMENT_REASONS = ("rotated", "revoked")
 
 
 def utc_now() -> datetime:
@@ -63,6 +65,27 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+class FlowerNodeId(TypeDecorator[int]):
+    """A Flower node id (unsigned 64-bit) in a signed BIGINT column, on every backend.
+
+    Ids at or above 2**63 (half of them) are stored as their two's-complement negative, the way
+    Flower's own SQL state stores them; reads give back the id ``flwr supernode list`` shows.
+    """
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Any) -> int | None:
+        if value is None:
+            return None
+        if not 0 <= value < 2**64:
+            raise ValueError(f"Flower node id {value} is not an unsigned 64-bit integer")
+        return value - 2**64 if value >= 2**63 else value
+
+    def process_result_value(self, value: int | None, dialect: Any) -> int | None:
+        return None if value is None else value % 2**64
+
+
 def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
@@ -80,10 +103,18 @@ class Base(DeclarativeBase):
 
 
 class Client(Base):
-    """A registered client agent: its organization and the Ed25519 key its receipts are checked with."""
+    """A registered client agent: its organization, the Ed25519 key its receipts are checked with and,
+    optionally, the ECDSA P-384 key its Flower SuperNode authenticates with.
+
+    ``flower_node_id`` is the id the SuperLink gave ``node_public_key`` when the job supervisor
+    registered it; NULL while it waits to be registered (or without a node key).
+    """
 
     __tablename__ = "clients"
-    __table_args__ = (CheckConstraint(_in("status", CLIENT_STATUSES), name="status"),)
+    __table_args__ = (
+        CheckConstraint(_in("status", CLIENT_STATUSES), name="status"),
+        Index("uq_clients_node_public_key", "node_public_key", unique=True),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     org: Mapped[str] = mapped_column(String(200))
@@ -92,6 +123,26 @@ class Client(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
     revoked_at: Mapped[datetime | None]
+    # "ecdsa-sha2-nistp384 AAAA..." without comment (OpenSSH, as re-serialized by cryptography)
+    node_public_key: Mapped[str | None] = mapped_column(String(300))
+    flower_node_id: Mapped[int | None] = mapped_column(FlowerNodeId())
+
+
+class RetiredFlowerNode(Base):
+    """A SuperNode registration the SuperLink must drop: its client rotated the node key away or was
+    revoked. The job supervisor unregisters it and sets ``unregistered_at``; the row stays as
+    history, and so that the key is never accepted again (Flower refuses to register a key twice,
+    even after unregistering it)."""
+
+    __tablename__ = "retired_flower_nodes"
+    __table_args__ = (CheckConstraint(_in("reason", NODE_RETIREMENT_REASONS), name="reason"),)
+
+    flower_node_id: Mapped[int] = mapped_column(FlowerNodeId(), primary_key=True, autoincrement=False)
+    client_id: Mapped[str] = mapped_column(ForeignKey("clients.id"), index=True)
+    node_public_key: Mapped[str] = mapped_column(String(300), index=True)
+    reason: Mapped[str] = mapped_column(String(16))
+    retired_at: Mapped[datetime] = mapped_column(default=utc_now)
+    unregistered_at: Mapped[datetime | None]
 
 
 class ApiToken(Base):

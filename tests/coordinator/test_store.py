@@ -24,9 +24,10 @@ from fedtune.coordinator.store import (
     Update,
     append_audit_event,
 )
+from fedtune.coordinator.store.models import RetiredFlowerNode
 
 TABLES = {"clients", "api_tokens", "jobs", "rounds", "updates", "adapter_versions", "privacy_ledger",
-          "audit_events", "audit_checkpoints"}
+          "audit_events", "audit_checkpoints", "retired_flower_nodes"}
 
 
 def _seed(session) -> Round:
@@ -48,7 +49,63 @@ def test_migration_creates_exactly_the_orm_schema(engine):
 def test_upgrade_is_idempotent(engine):
     upgrade_database(engine)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+
+
+def test_0002_keeps_existing_clients_and_downgrades(database_url):
+    """A store created at 0001 with a client upgrades to 0002 (node key columns NULL) and back."""
+    from fedtune.coordinator.store import create_store_engine
+
+    engine = create_store_engine(database_url)
+    try:
+        upgrade_database(engine, "0001")
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO clients (id, org, name, public_key, status, created_at) "
+                              "VALUES ('bank-a', 'o', 'n', 'ed25519:AAAA', 'active', CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO jobs (id, base_digest, config, status, created_at) "
+                              "VALUES ('job-1', 'sha256:b', '{}', 'created', CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO rounds (id, job_id, number, status, nonce) "
+                              "VALUES (1, 'job-1', 1, 'running', :nonce)"), {"nonce": b"\x01" * 32})
+            # a row that references the client: dropping the columns again must not copy the table
+            conn.execute(text("INSERT INTO updates (round_id, client_id, status, reason_code, received_at) "
+                              "VALUES (1, 'bank-a', 'refused', 'budget', CURRENT_TIMESTAMP)"))
+        upgrade_database(engine)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT id, node_public_key, flower_node_id FROM clients")).all() == [
+                ("bank-a", None, None)]
+        with engine.begin() as conn:
+            from alembic import command
+
+            from fedtune.coordinator.migrations import alembic_config
+
+            config = alembic_config()
+            config.attributes["connection"] = conn
+            command.downgrade(config, "0001")
+        assert "retired_flower_nodes" not in inspect(engine).get_table_names()
+        assert {c["name"] for c in inspect(engine).get_columns("clients")} == {
+            "id", "org", "name", "public_key", "status", "created_at", "revoked_at"}
+    finally:
+        engine.dispose()
+
+
+def test_flower_node_ids_use_all_64_bits_and_node_keys_are_unique(sessions):
+    """Flower node ids are unsigned 64-bit (half of them above BIGINT's maximum); NULL keys may repeat."""
+    big, small = 2**64 - 5, 7
+    with sessions.begin() as s:
+        s.add_all([Client(id="a", org="o", name="n", public_key="k1", node_public_key="ecdsa-sha2-nistp384 A",
+                          flower_node_id=big),
+                   Client(id="b", org="o", name="n", public_key="k2", flower_node_id=small),
+                   Client(id="c", org="o", name="n", public_key="k3")])
+        s.add(RetiredFlowerNode(flower_node_id=2**63, client_id="a", node_public_key="ecdsa-sha2-nistp384 Z",
+                                reason="rotated"))
+    with sessions() as s:
+        assert s.get(Client, "a").flower_node_id == big and s.get(Client, "b").flower_node_id == small
+        assert s.scalars(select(Client.id).where(Client.flower_node_id == big)).all() == ["a"]
+        assert s.get(RetiredFlowerNode, 2**63).client_id == "a"
+    with pytest.raises(IntegrityError), sessions.begin() as s:
+        s.add(Client(id="d", org="o", name="n", public_key="k4", node_public_key="ecdsa-sha2-nistp384 A"))
+    with pytest.raises(IntegrityError), sessions.begin() as s:
+        s.add(RetiredFlowerNode(flower_node_id=1, client_id="a", node_public_key="x", reason="lost"))
 
 
 def test_sqlite_connections_use_wal_full_sync_and_foreign_keys(engine):
