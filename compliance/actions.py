@@ -25,10 +25,11 @@ ROUND_ACTIONS = {
 
 # Admin API (coordinator/api): one record per request, allowed or denied.
 API_ACTIONS = {
-    "client.register": "register a client agent with its Ed25519 public key",
+    "client.register": "register a client agent with its Ed25519 public key (and optional SuperNode key)",
     "client.list": "list registered clients",
     "client.get": "read one client",
     "client.revoke": "revoke a client (its replies are rejected from then on)",
+    "client.rotate_keys": "replace an active client's receipt key and / or SuperNode key (old and new public keys)",
     "job.create": "create a job (base digest, LoRA / FFA / DP / aggregation config, client list)",
     "job.list": "list jobs",
     "job.get": "read one job",

@@ -32,6 +32,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "client.list": ALL,
     "client.get": ALL,
     "client.revoke": ADMIN_OPERATOR,
+    "client.rotate_keys": ADMIN_OPERATOR,
     "job.create": ADMIN_OPERATOR,
     "job.list": ALL,
     "job.get": ALL,

@@ -1,4 +1,4 @@
-"""Admin API: clients, jobs and rounds."""
+"""Admin API: clients (and their keys), jobs and rounds."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ from fedtune.coordinator.api.schemas import (
     ClientOut,
     JobIn,
     JobOut,
+    KeysIn,
     Page,
     RoundOut,
 )
 from fedtune.coordinator.jobs import JobStateError, UnknownBaseError, change_job_status, create_job
 from fedtune.coordinator.store import AdapterVersion, Client, Job, Round, Update, utc_now
+from fedtune.coordinator.store.models import RetiredFlowerNode
 
 MAX_PAGE_SIZE = 200
 
@@ -58,31 +60,93 @@ def _client_out(c: Client) -> ClientOut:
     return ClientOut.model_validate(c, from_attributes=True)
 
 
-@router.post("/clients", name="client.register", tags=["client"], status_code=201, response_model=ClientOut,
-             responses={**ERRORS, 409: {"description": "the id or key is already registered"}})
-def register_client(body: ClientIn, request: Request) -> ClientOut:
-    """Register a client agent with the Ed25519 public key its signed receipts are checked with."""
+def _check_receipt_key(public_key: str) -> None:
     from fedtune.compliance.signing import KeyFormatError, decode_public_key
 
     try:
-        decode_public_key(body.public_key)
+        decode_public_key(public_key)
     except KeyFormatError as e:
         raise HTTPException(422, f"public_key: {e}") from None
+
+
+def _refuse_taken_keys(s: Session, client_id: str, *, public_key: str | None, node_public_key: str | None) -> None:
+    """409 if another client holds either key, or the node key was ever retired (Flower never
+    registers a key twice, not even after unregistering it)."""
+    if public_key is not None and s.execute(
+            select(Client.id).where(Client.public_key == public_key, Client.id != client_id)).first():
+        raise HTTPException(409, "public_key: this key is already registered to another client")
+    if node_public_key is None:
+        return
+    if s.execute(select(Client.id).where(Client.node_public_key == node_public_key, Client.id != client_id)).first():
+        raise HTTPException(409, "node_public_key: this key is already registered to another client")
+    if s.execute(select(RetiredFlowerNode.client_id).where(RetiredFlowerNode.node_public_key == node_public_key)
+                 ).first():
+        raise HTTPException(409, "node_public_key: this key was retired before and the SuperLink will not admit it "
+                                 "again; generate a new one (ssh-keygen -t ecdsa -b 384)")
+
+
+@router.post("/clients", name="client.register", tags=["client"], status_code=201, response_model=ClientOut,
+             responses={**ERRORS, 409: {"description": "the id or a key is already registered"}})
+def register_client(body: ClientIn, request: Request) -> ClientOut:
+    """Register a client agent with the Ed25519 public key its signed receipts are checked with and,
+    optionally, its SuperNode's ECDSA P-384 key (registered with the SuperLink by the job supervisor)."""
+    _check_receipt_key(body.public_key)
     settings = settings_of(request)
     try:
         with settings.ctx.sessions.begin() as s:
             if s.get(Client, body.id) is not None:
                 raise HTTPException(409, f"client {body.id!r} is already registered")
-            if s.execute(select(Client.id).where(Client.public_key == body.public_key)).first():
-                raise HTTPException(409, "public_key: this key is already registered to another client")
-            client = Client(id=body.id, org=body.org, name=body.name, public_key=body.public_key, status="active")
+            _refuse_taken_keys(s, body.id, public_key=body.public_key, node_public_key=body.node_public_key)
+            client = Client(id=body.id, org=body.org, name=body.name, public_key=body.public_key,
+                            node_public_key=body.node_public_key, status="active")
             s.add(client)
             s.flush()
             record_change(request, s, resource_type="client", resource_id=body.id,
-                          context={"public_key": body.public_key})
+                          context={"public_key": body.public_key, "node_public_key": body.node_public_key})
             return _client_out(client)
-    except IntegrityError:  # a concurrent registration of the same id won the race
-        raise HTTPException(409, f"client {body.id!r} is already registered") from None
+    except IntegrityError:  # a concurrent registration of the same id or node key won the race
+        raise HTTPException(409, f"client {body.id!r} or its node_public_key is already registered") from None
+
+
+@router.post("/clients/{client_id}/keys", name="client.rotate_keys", tags=["client"], response_model=ClientOut,
+             responses={**ERRORS, 409: {"description": "the client is revoked, or a key is taken"}})
+def rotate_client_keys(client_id: ClientId, body: KeysIn, request: Request) -> ClientOut:
+    """Replace an active client's receipt key, SuperNode key, or both. Rounds started after the change
+    reject replies signed with the old receipt key; the job supervisor unregisters the old SuperNode
+    key and registers the new one with the SuperLink within a poll."""
+    if body.public_key is not None:
+        _check_receipt_key(body.public_key)
+    try:
+        with settings_of(request).ctx.sessions.begin() as s:
+            # locked: the job supervisor may be storing the node id of the key being replaced
+            client = s.get(Client, client_id, with_for_update=True)
+            if client is None:
+                raise HTTPException(404, f"client {client_id!r} does not exist")
+            if client.status != "active":
+                raise HTTPException(409, f"client {client_id!r} is {client.status}; register a new client instead")
+            _refuse_taken_keys(s, client_id, public_key=body.public_key, node_public_key=body.node_public_key)
+            context = _replace_keys(s, client, body)
+            s.flush()
+            record_change(request, s, resource_type="client", resource_id=client_id, context=context)
+            return _client_out(client)
+    except IntegrityError:  # a concurrent request took the node key first
+        raise HTTPException(409, "node_public_key: this key is already registered to another client") from None
+
+
+def _replace_keys(s: Session, client: Client, body: KeysIn) -> dict[str, Any]:
+    """Set the keys that change; returns the audit context (old and new public keys, retired node id)."""
+    context: dict[str, Any] = {}
+    if body.public_key is not None and body.public_key != client.public_key:
+        context["public_key"] = {"old": client.public_key, "new": body.public_key}
+        client.public_key = body.public_key
+    if body.node_public_key is not None and body.node_public_key != client.node_public_key:
+        context["node_public_key"] = {"old": client.node_public_key, "new": body.node_public_key}
+        if client.flower_node_id is not None:  # the supervisor unregisters it (the API has no flwr access)
+            s.add(RetiredFlowerNode(flower_node_id=client.flower_node_id, client_id=client.id,
+                                    node_public_key=client.node_public_key, reason="rotated"))
+            context["retired_flower_node_id"] = client.flower_node_id
+        client.node_public_key, client.flower_node_id = body.node_public_key, None
+    return context
 
 
 @router.get("/clients", name="client.list", tags=["client"], response_model=Page[ClientOut], responses=ERRORS)

@@ -14,7 +14,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints, model_validator
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_ssh_public_key
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints, model_validator
 
 from fedtune.client_agent.lora import DEFAULT_TARGET_MODULES
 from fedtune.coordinator.aggregation import AGGREGATORS
@@ -40,11 +43,51 @@ class Strict(BaseModel):
 # --- clients ---------------------------------------------------------------------------------
 
 
+def normalize_node_public_key(line: str) -> str:
+    """The OpenSSH line of a SuperNode's ECDSA P-384 public key, re-serialized without its comment.
+
+    Raises:
+        ValueError: not an OpenSSH public key, or not ECDSA on P-384 (what Flower node
+            authentication and ``ssh-keygen -t ecdsa -b 384`` use).
+    """
+    try:
+        key = load_ssh_public_key(line.encode())
+    except (ValueError, UnsupportedAlgorithm, NotImplementedError) as e:  # NotImplementedError: compressed point
+        raise ValueError(f"not an OpenSSH public key ({e}); send the line of the SuperNode's .pub file") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
+        kind = f"ECDSA {key.curve.name}" if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
+        raise ValueError(f"an {kind} key; SuperNode keys are ECDSA P-384 ('ecdsa-sha2-nistp384 ...', "
+                         f"ssh-keygen -t ecdsa -b 384)")
+    return key.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+
+
+NodePublicKeyText = Annotated[
+    str, StringConstraints(strip_whitespace=True, max_length=1000,
+                           pattern=r"^[a-z0-9@.-]{1,64} [A-Za-z0-9+/]+={0,2}( [^\x00-\x1f\x7f]*)?$"),
+    AfterValidator(normalize_node_public_key)]
+NODE_KEY_DESCRIPTION = ("The SuperNode's OpenSSH ECDSA P-384 public key ('ecdsa-sha2-nistp384 AAAA... comment', its "
+                        ".pub file); stored without the comment. The job supervisor registers it with the SuperLink.")
+
+
 class ClientIn(Strict):
     id: Id = Field(description="Pseudonymous client id, e.g. 'bank-a'")
     org: Text = Field(description="Organization (pseudonymous code, no personal data)")
     name: Text
     public_key: PublicKeyText = Field(description="The agent's Ed25519 receipt key, 'ed25519:<base64>'")
+    node_public_key: NodePublicKeyText | None = Field(None, description=NODE_KEY_DESCRIPTION)
+
+
+class KeysIn(Strict):
+    """New keys for an active client: the receipt key, the SuperNode key, or both."""
+
+    public_key: PublicKeyText | None = Field(None, description="The new Ed25519 receipt key, 'ed25519:<base64>'")
+    node_public_key: NodePublicKeyText | None = Field(None, description=NODE_KEY_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _some_key(self) -> KeysIn:
+        if self.public_key is None and self.node_public_key is None:
+            raise ValueError("public_key, node_public_key: send at least one of them")
+        return self
 
 
 class ClientOut(BaseModel):
@@ -55,6 +98,9 @@ class ClientOut(BaseModel):
     status: str
     created_at: datetime
     revoked_at: datetime | None
+    node_public_key: str | None = Field(description="The SuperNode key (OpenSSH, no comment); null: none")
+    flower_node_id: int | None = Field(description="The SuperLink's id for node_public_key; null: not registered "
+                                                   "(yet: the job supervisor registers it within a poll)")
 
 
 # --- jobs ------------------------------------------------------------------------------------

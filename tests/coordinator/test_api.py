@@ -9,11 +9,18 @@ import json
 import zipfile
 
 import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from safetensors.torch import load as load_safetensors
 from sqlalchemy import select
 
 from fedtune.compliance.signing import encode_public_key, generate_signing_key
-from fedtune.coordinator.store import AdapterVersion, AuditEvent, Job
+from fedtune.compliance.wire import TrainInstruction, sign_train_reply
+from fedtune.coordinator.rounds import registered_clients
+from fedtune.coordinator.store import AdapterVersion, AuditEvent, Client, Job
+from fedtune.coordinator.store.models import RetiredFlowerNode
+from fedtune.coordinator.validation import Accepted, Rejected, RejectReason, RoundExpectation, validate_reply
 from tests.coordinator.api_support import ROLES, auth, register
 
 # The expected authorization of every endpoint, written from the issue's role model (not from
@@ -24,6 +31,7 @@ MATRIX = [
     ("GET", "/api/v1/clients", "OA"),
     ("GET", "/api/v1/clients/{client_id}", "OA"),
     ("POST", "/api/v1/clients/{client_id}/revoke", "O"),
+    ("POST", "/api/v1/clients/{client_id}/keys", "O"),
     ("POST", "/api/v1/jobs", "O"),
     ("GET", "/api/v1/jobs", "OA"),
     ("GET", "/api/v1/jobs/{job_id}", "OA"),
@@ -286,3 +294,138 @@ def test_audit_export_and_verify_through_the_api(api, tmp_path):
     assert v["ok"] and v["since_tree_size"] is not None and v["first_bad_seq"] is None, v
     checkpoints = api.get("/api/v1/audit/checkpoints", headers=auth(api, "auditor")).json()["items"]
     assert len(checkpoints) == 2 and checkpoints[0]["tree_size"] < checkpoints[1]["tree_size"]
+
+
+# --- SuperNode keys and key rotation ---------------------------------------------------------
+
+
+def ssh_public_key(curve: ec.EllipticCurve | None = None, comment: str = "") -> str:
+    """An OpenSSH public key line as ``ssh-keygen`` writes it (ECDSA P-384 unless told otherwise)."""
+    key = ed25519.Ed25519PrivateKey.generate() if curve is None else ec.generate_private_key(curve)
+    line = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+    return f"{line} {comment}" if comment else line
+
+
+def p384_key(comment: str = "") -> str:
+    return ssh_public_key(ec.SECP384R1(), comment)
+
+
+def client_body(client_id: str, **over) -> dict:
+    return {"id": client_id, "org": f"org-{client_id}", "name": client_id,
+            "public_key": encode_public_key(generate_signing_key()), **over}
+
+
+def test_register_with_a_node_key_stores_it_without_its_comment(api):
+    key = p384_key()
+    r = api.post("/api/v1/clients", headers=auth(api, "operator"),
+                 json=client_body("bank-a", node_public_key=f"{key} ops@bank-a\n"))
+    assert r.status_code == 201, r.text
+    assert r.json()["node_public_key"] == key and r.json()["flower_node_id"] is None
+    assert api.get("/api/v1/clients/bank-a", headers=auth(api, "auditor")).json()["node_public_key"] == key
+    assert register(api, "bank-b")["node_public_key"] is None  # the node key is optional
+    event = next(e for e in audit_rows(api) if e.action == "client.register" and e.resource_id == "bank-a")
+    assert event.context["node_public_key"] == key
+
+
+@pytest.mark.parametrize("node_key", [
+    ssh_public_key(ec.SECP256R1()),  # Flower accepts P-256, but agents write P-384: refuse the mix-up
+    ssh_public_key(),  # ssh-ed25519
+    "ecdsa-sha2-nistp384 AAAAE2VjZHNhLXNoYTItbmlzdHAzODQAAAAIbmlzdHAzODQAAAABAA==",  # a compressed point
+    "ecdsa-sha2-nistp384 AAAA",
+    "-----BEGIN PUBLIC KEY-----",
+], ids=["p256", "ed25519", "compressed", "truncated", "pem"])
+def test_bad_node_keys_are_a_422_naming_the_field(api, node_key):
+    r = api.post("/api/v1/clients", headers=auth(api, "operator"), json=client_body("bank-a", node_public_key=node_key))
+    assert r.status_code == 422 and "node_public_key" in r.json()["detail"], r.text
+    register(api, "bank-b")
+    r = api.post("/api/v1/clients/bank-b/keys", headers=auth(api, "operator"), json={"node_public_key": node_key})
+    assert r.status_code == 422 and "node_public_key" in r.json()["detail"], r.text
+    with api.ctx.sessions() as s:
+        assert s.execute(select(Client.id)).scalars().all() == ["bank-b"]
+
+
+def test_a_node_key_belongs_to_one_client(api):
+    key = p384_key()
+    assert api.post("/api/v1/clients", headers=auth(api, "operator"),
+                    json=client_body("bank-a", node_public_key=key)).status_code == 201
+    # the same key under another comment is the same key
+    r = api.post("/api/v1/clients", headers=auth(api, "operator"),
+                 json=client_body("bank-b", node_public_key=f"{key} other-comment"))
+    assert r.status_code == 409 and "node_public_key" in r.json()["detail"]
+    register(api, "bank-b")
+    r = api.post("/api/v1/clients/bank-b/keys", headers=auth(api, "operator"), json={"node_public_key": key})
+    assert r.status_code == 409 and "node_public_key" in r.json()["detail"]
+    taken = api.get("/api/v1/clients/bank-a", headers=auth(api, "admin")).json()["public_key"]
+    r = api.post("/api/v1/clients/bank-b/keys", headers=auth(api, "operator"), json={"public_key": taken})
+    assert r.status_code == 409 and "public_key" in r.json()["detail"]
+
+
+def test_rotation_replaces_keys_retires_the_node_and_audits_old_and_new(api):
+    old_node, new_node = p384_key(), p384_key()
+    old_receipt, new_receipt = (encode_public_key(generate_signing_key()) for _ in range(2))
+    api.post("/api/v1/clients", headers=auth(api, "operator"),
+             json=client_body("bank-a", public_key=old_receipt, node_public_key=old_node))
+    with api.ctx.sessions.begin() as s:  # what the job supervisor writes once Flower registered the key
+        s.get(Client, "bank-a").flower_node_id = 2**64 - 3
+    # the receipt key alone: the node registration stays
+    r = api.post("/api/v1/clients/bank-a/keys", headers=auth(api, "operator"), json={"public_key": new_receipt})
+    assert r.status_code == 200, r.text
+    assert (r.json()["public_key"], r.json()["node_public_key"], r.json()["flower_node_id"]) == (
+        new_receipt, old_node, 2**64 - 3)
+    # the node key: the old registration is retired for the supervisor to unregister, the new one waits
+    r = api.post("/api/v1/clients/bank-a/keys", headers=auth(api, "admin"), json={"node_public_key": new_node})
+    assert r.status_code == 200, r.text
+    assert r.json()["node_public_key"] == new_node and r.json()["flower_node_id"] is None
+    with api.ctx.sessions() as s:
+        retired = s.execute(select(RetiredFlowerNode)).scalars().all()
+    assert [(n.flower_node_id, n.client_id, n.node_public_key, n.reason, n.unregistered_at) for n in retired] == [
+        (2**64 - 3, "bank-a", old_node, "rotated", None)]
+    rotations = [e for e in audit_rows(api) if e.action == "client.rotate_keys"]
+    assert [(e.outcome, e.resource_id) for e in rotations] == [("success", "bank-a")] * 2
+    assert rotations[0].context["public_key"] == {"old": old_receipt, "new": new_receipt}
+    assert "node_public_key" not in rotations[0].context
+    assert rotations[1].context["node_public_key"] == {"old": old_node, "new": new_node}
+    assert rotations[1].context["retired_flower_node_id"] == 2**64 - 3
+    assert "PRIVATE" not in json.dumps([e.context for e in rotations])
+    # Flower never registers a key twice (not even after unregistering it): a retired key is refused
+    r = api.post("/api/v1/clients/bank-a/keys", headers=auth(api, "operator"), json={"node_public_key": old_node})
+    assert r.status_code == 409 and "retired" in r.json()["detail"]
+    r = api.post("/api/v1/clients", headers=auth(api, "operator"),
+                 json=client_body("bank-b", node_public_key=old_node))
+    assert r.status_code == 409 and "node_public_key" in r.json()["detail"]
+
+
+def test_rotation_needs_an_active_client_and_a_key(api):
+    register(api, "bank-a")
+    r = api.post("/api/v1/clients/bank-a/keys", headers=auth(api, "operator"), json={})
+    assert r.status_code == 422 and "node_public_key" in r.json()["detail"]
+    r = api.post("/api/v1/clients/nobody/keys", headers=auth(api, "operator"), json={"node_public_key": p384_key()})
+    assert r.status_code == 404
+    api.post("/api/v1/clients/bank-a/revoke", headers=auth(api, "operator"))
+    before = api.get("/api/v1/clients/bank-a", headers=auth(api, "admin")).json()
+    r = api.post("/api/v1/clients/bank-a/keys", headers=auth(api, "operator"),
+                 json={"public_key": encode_public_key(generate_signing_key()), "node_public_key": p384_key()})
+    assert r.status_code == 409 and "revoked" in r.json()["detail"]
+    assert api.get("/api/v1/clients/bank-a", headers=auth(api, "admin")).json() == before
+    assert [e.outcome for e in audit_rows(api) if e.action == "client.rotate_keys"] == ["failure"] * 3
+
+
+def test_replies_signed_with_the_rotated_away_receipt_key_are_rejected(api):
+    old, new = generate_signing_key(), generate_signing_key()
+    register(api, "bank-a", old)
+    api.post("/api/v1/clients/bank-a/keys", headers=auth(api, "operator"), json={"public_key": encode_public_key(new)})
+    current = {"layers.0.q.lora_B.weight": torch.zeros(4, 2)}
+    instruction = TrainInstruction(job_id="job-1", round=1, nonce=b"\x05" * 32, base_digest="sha256:base",
+                                   config={}, adapter=current)
+    expected = RoundExpectation(job_id="job-1", round=1, nonce=b"\x05" * 32, base_digest="sha256:base",
+                                current=current)
+    with api.ctx.sessions() as s:
+        clients = registered_clients(s)  # what the round engine checks replies against
+
+    def reply(key):
+        return sign_train_reply(instruction, client_id="bank-a", tensors={n: t + 0.01 for n, t in current.items()},
+                                loss=1.0, records=10, epsilon=1.0, delta=1e-6, private_key=key)
+
+    stale = validate_reply(reply(old), expected=expected, clients=clients)
+    assert isinstance(stale, Rejected) and stale.reason_code == RejectReason.BAD_SIGNATURE
+    assert isinstance(validate_reply(reply(new), expected=expected, clients=clients), Accepted)
