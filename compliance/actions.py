@@ -23,6 +23,12 @@ ROUND_ACTIONS = {
     "audit.checkpoint_signed": "the coordinator signed a checkpoint of the audit log (size, Merkle root)",
 }
 
+# Job supervisor (coordinator/supervisor.py): what it changes on the Flower SuperLink.
+SUPERVISOR_ACTIONS = {
+    "supernode.registered": "the coordinator registered a client's SuperNode public key with the SuperLink (node id)",
+    "supernode.unregistered": "the coordinator unregistered a rotated-away or revoked client's SuperNode (node id)",
+}
+
 # Admin API (coordinator/api): one record per request, allowed or denied.
 API_ACTIONS = {
     "client.register": "register a client agent with its Ed25519 public key (and optional SuperNode key)",
@@ -58,7 +64,7 @@ API_ACTIONS = {
     "api.unknown": "a request to a path or method the API does not have",
 }
 
-ACTIONS: dict[str, str] = {**ROUND_ACTIONS, **API_ACTIONS}
+ACTIONS: dict[str, str] = {**ROUND_ACTIONS, **SUPERVISOR_ACTIONS, **API_ACTIONS}
 
 
 def check_action(action: str) -> str:
