@@ -6,7 +6,11 @@ own ClientAppIo port. TLS (``root_cert``: the SuperLink's CA certificate) and no
 (``auth_private_key``: an OpenSSH ECDSA P-384 key, from :func:`write_supernode_auth_key` or
 ``ssh-keygen -t ecdsa -b 384 -N ""``, whose ``.pub`` the coordinator registers with ``flwr supernode
 register`` before the SuperNode connects) are optional; without TLS the SuperNode runs ``--insecure``
-(loopback tests only).
+(loopback only). The SuperLink is ``superlink_address`` ("host:port", the coordinator's fleet
+gateway), or 127.0.0.1:``superlink_port`` for tests and benchmarks on one host.
+
+Each child runs in its own process group: a terminal's Ctrl-C reaches only the parent, which
+stops the children in order (SuperNode first, then the daemon) with :meth:`AgentProcesses.stop`.
 
 Process helpers (spawn, ports, stop) are the coordinator's :mod:`fedtune.coordinator.superlink`
 ones' twins, kept here so the agent side does not import the coordinator.
@@ -97,19 +101,34 @@ class AgentProcesses:
 
 def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     with open(log_path, "ab") as log:
-        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
+                                process_group=0)
+
+
+def _superlink_address(superlink_port: int | None, superlink_address: str | None) -> str:
+    if superlink_address is not None:
+        return superlink_address
+    if superlink_port is None:
+        raise ValueError("give the SuperLink as superlink_address='host:port' or superlink_port (on 127.0.0.1)")
+    return f"127.0.0.1:{superlink_port}"
 
 
 def start_daemon(*, client_id: str, base: Path, key: Path, data: Path, state_dir: Path,
                  budget_epsilon: float | None = None, budget_delta: float | None = None,
+                 dataset_id: str | None = None, device: str | None = None,
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``python -m fedtune.client_agent.daemon``; the endpoint file appears when it is ready."""
+    """Start ``python -m fedtune.client_agent.daemon``; the endpoint file appears when it is ready.
+    ``dataset_id`` and ``device`` left None keep the daemon's defaults ("default", cpu)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / ENDPOINT_FILE).unlink(missing_ok=True)
     args = [sys.executable, "-m", "fedtune.client_agent.daemon", "--client-id", client_id, "--base", str(base),
             "--key", str(key), "--data", str(data), "--state-dir", str(state_dir)]
     if budget_epsilon is not None:
         args += ["--budget-epsilon", str(budget_epsilon), "--budget-delta", str(budget_delta or 1e-5)]
+    if dataset_id is not None:
+        args += ["--dataset-id", dataset_id]
+    if device is not None:
+        args += ["--device", device]
     args += extra_args or []
     return _spawn(args, state_dir / "daemon.log", {**os.environ, **(env or {})})
 
@@ -132,11 +151,16 @@ def wait_for_endpoint(state_dir: Path, proc: subprocess.Popen, timeout_s: float 
     raise RuntimeError(f"agent daemon not ready after {timeout_s} s")
 
 
-def start_supernode(*, superlink_port: int, endpoint_file: Path, state_dir: Path, flwr_home: Path,
-                    root_cert: Path | None = None, auth_private_key: Path | None = None,
-                    clientappio_port: int | None = None) -> subprocess.Popen:
-    """Start ``flower-supernode`` connected to the SuperLink on 127.0.0.1:``superlink_port``."""
-    args = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{superlink_port}",
+def start_supernode(*, endpoint_file: Path, state_dir: Path, flwr_home: Path, superlink_port: int | None = None,
+                    superlink_address: str | None = None, root_cert: Path | None = None,
+                    auth_private_key: Path | None = None, clientappio_port: int | None = None) -> subprocess.Popen:
+    """Start ``flower-supernode`` connected to the SuperLink at ``superlink_address`` ("host:port"),
+    or, when that is None, at 127.0.0.1:``superlink_port``. Its log is ``state_dir/supernode.log``.
+
+    Raises:
+        ValueError: neither ``superlink_address`` nor ``superlink_port`` is given.
+    """
+    args = [_bin("flower-supernode"), "--superlink", _superlink_address(superlink_port, superlink_address),
             "--port", str(clientappio_port or _free_port()),
             "--node-config", f"agent-endpoint='{endpoint_file}'"]
     args += ["--root-certificates", str(root_cert)] if root_cert else ["--insecure"]
@@ -150,28 +174,36 @@ def start_supernode(*, superlink_port: int, endpoint_file: Path, state_dir: Path
     return _spawn(args, state_dir / "supernode.log", env)
 
 
-def start_agent(*, client_id: str, base: Path, key: Path, data: Path, state_dir: Path, superlink_port: int,
+def start_agent(*, client_id: str, base: Path, key: Path, data: Path, state_dir: Path,
+                superlink_port: int | None = None, superlink_address: str | None = None,
                 budget_epsilon: float | None = None, budget_delta: float | None = None,
+                dataset_id: str | None = None, device: str | None = None,
                 root_cert: Path | None = None, auth_private_key: Path | None = None,
-                daemon_args: list[str] | None = None, wait: bool = True) -> AgentProcesses:
-    """Start one agent: its daemon, then (once the daemon is ready, if ``wait``) its SuperNode."""
+                clientappio_port: int | None = None, daemon_args: list[str] | None = None,
+                wait: bool = True) -> AgentProcesses:
+    """Start one agent: its daemon, then (once the daemon is ready, if ``wait``) its SuperNode.
+    Without ``wait``, call :func:`attach_supernode` with the SuperLink's address later."""
     daemon = start_daemon(client_id=client_id, base=base, key=key, data=data, state_dir=state_dir,
-                          budget_epsilon=budget_epsilon, budget_delta=budget_delta, extra_args=daemon_args)
+                          budget_epsilon=budget_epsilon, budget_delta=budget_delta, dataset_id=dataset_id,
+                          device=device, extra_args=daemon_args)
     agent = AgentProcesses(client_id, daemon, None, state_dir)
     if wait:
-        attach_supernode(agent, superlink_port=superlink_port, root_cert=root_cert,
-                         auth_private_key=auth_private_key)
+        attach_supernode(agent, superlink_port=superlink_port, superlink_address=superlink_address,
+                         root_cert=root_cert, auth_private_key=auth_private_key, clientappio_port=clientappio_port)
     return agent
 
 
-def attach_supernode(agent: AgentProcesses, *, superlink_port: int, root_cert: Path | None = None,
-                     auth_private_key: Path | None = None) -> None:
-    """Wait for the agent's daemon, then start its SuperNode."""
+def attach_supernode(agent: AgentProcesses, *, superlink_port: int | None = None, superlink_address: str | None = None,
+                     root_cert: Path | None = None, auth_private_key: Path | None = None,
+                     clientappio_port: int | None = None, ready_timeout_s: float = 180.0) -> None:
+    """Wait (up to ``ready_timeout_s``) for the agent's daemon, then start its SuperNode; on any
+    failure, or an interrupt while waiting, stop the agent's processes and re-raise."""
     try:
-        endpoint = wait_for_endpoint(agent.state_dir, agent.daemon)
-        agent.supernode = start_supernode(superlink_port=superlink_port, endpoint_file=endpoint,
-                                          state_dir=agent.state_dir, flwr_home=agent.state_dir / "flwr-home",
-                                          root_cert=root_cert, auth_private_key=auth_private_key)
+        endpoint = wait_for_endpoint(agent.state_dir, agent.daemon, timeout_s=ready_timeout_s)
+        agent.supernode = start_supernode(superlink_port=superlink_port, superlink_address=superlink_address,
+                                          endpoint_file=endpoint, state_dir=agent.state_dir,
+                                          flwr_home=agent.state_dir / "flwr-home", root_cert=root_cert,
+                                          auth_private_key=auth_private_key, clientappio_port=clientappio_port)
     except BaseException:
         agent.stop()
         raise
