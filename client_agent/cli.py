@@ -1,5 +1,10 @@
 """`fedtune agent ...`: what runs inside an institution's network.
 
+`keygen` makes a site's two key pairs (receipt signing, SuperNode authentication) and prints what
+the coordinator operator registers. `run` runs the site's agent for a federation: the daemon
+(base, data, privacy ledger) and its Flower SuperNode, from an `agent.toml` (`config.py`), until
+Ctrl-C or SIGTERM.
+
 `train-local` fine-tunes alone (one institution, no coordinator; also the local-only baseline):
 it checks the dataset's lifetime privacy budget in the agent's ledger before touching the
 data, trains DP-LoRA with a progress bar, and writes the adapter (peft format) and a report.
@@ -8,25 +13,36 @@ data, trains DP-LoRA with a progress bar, and writes the adapter (peft format) a
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import shutil
+import signal
 import tempfile
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fedtune.client_agent.config import AgentConfig, AgentConfigError
 from fedtune.client_agent.data import DataError, data_digest, load_records
 from fedtune.client_agent.ledger import BudgetExceeded, PlannedRun, PrivacyLedger
 from fedtune.client_agent.lora import LoraSettings, attach_lora, detach_lora, load_adapter_state, save_adapter
 from fedtune.client_agent.privacy import PrivacyConfig, PrivacyError
 from fedtune.client_agent.training import TrainConfig, plan_training, train_dp_lora
+from fedtune.compliance.signing import encode_public_key, generate_signing_key, save_private_key
 from fedtune.model import CheckpointError, load_pretrained
 from fedtune.model.tokenizer import load_tokenizer
 
-app = typer.Typer(help="The on-premise agent: local DP-LoRA training and its privacy ledger.",
+if TYPE_CHECKING:
+    from fedtune.client_agent.supernode import AgentProcesses
+
+app = typer.Typer(help="The on-premise agent: keys, the federation agent, local DP-LoRA training and its "
+                  "privacy ledger.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 budget_app = typer.Typer(help="Lifetime privacy budgets of local datasets.", no_args_is_help=True)
 app.add_typer(budget_app, name="budget")
@@ -40,6 +56,155 @@ StateDir = Annotated[Path, typer.Option(help="The agent's state directory (holds
 def _fail(message: str, code: int = 2) -> typer.Exit:
     err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(code=code)
+
+
+RECEIPT_KEY, NODE_KEY = "receipt.pem", "node-key"
+KEYGEN_FILES = (RECEIPT_KEY, "receipt.pub", NODE_KEY, "node-key.pub")
+
+
+@app.command("keygen")
+def keygen(
+    key_dir: Annotated[Path, typer.Option("--dir", help="Directory for the key files (created, mode 0700).")],
+    client_id: Annotated[str | None, typer.Option(help="This site's client id, for the registration body.")] = None,
+    org: Annotated[str | None, typer.Option(help="Organisation code, for the registration body.")] = None,
+    name: Annotated[str | None, typer.Option(help="Display name (default: the client id).")] = None,
+) -> None:
+    """Make this site's receipt-signing key (Ed25519) and SuperNode key (ECDSA P-384); print what to register."""
+    from fedtune.client_agent.supernode import write_supernode_auth_key  # imports flwr: only when needed
+
+    for file in KEYGEN_FILES:
+        if (key_dir / file).exists():
+            raise _fail(f"{key_dir / file} exists; keys are never overwritten (choose another --dir, or move the "
+                        "old keys away if you really mean to replace this site's identity)")
+    key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    receipt = generate_signing_key()
+    save_private_key(key_dir / RECEIPT_KEY, receipt)
+    public_key = encode_public_key(receipt)
+    _write_new(key_dir / "receipt.pub", public_key + "\n")
+    node_public_key = write_supernode_auth_key(key_dir / NODE_KEY).read_text().strip()
+    body = {"id": client_id or "<client-id>", "org": org or "<org>", "name": name or client_id or "<name>",
+            "public_key": public_key, "node_public_key": node_public_key}
+    console.print(f"wrote {escape(str(key_dir))}/: {RECEIPT_KEY} and {NODE_KEY} (private, mode 0600), "
+                  "receipt.pub and node-key.pub (public)", highlight=False, soft_wrap=True)
+    console.print(f"receipt public key:   {public_key}", highlight=False, soft_wrap=True)
+    console.print(f"SuperNode public key: {escape(node_public_key)}", highlight=False, soft_wrap=True)
+    console.print(f"The private files ({RECEIPT_KEY}, {NODE_KEY}) never leave this site. Give the coordinator "
+                  "operator the public values; they register the site with POST /api/v1/clients and this body"
+                  + ("" if client_id and org else " (fill in the <...> fields)") + ":", highlight=False, soft_wrap=True)
+    print(json.dumps(body, indent=2))
+
+
+def _write_new(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+class _StopRequested(Exception):
+    """SIGINT, SIGTERM or SIGHUP reached `agent run`."""
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_SUPERNODE_ID = re.compile(r"SuperNode ID: (\d+)")
+
+
+def _request_stop(signum: int, _frame: object) -> None:
+    for sig in _STOP_SIGNALS:  # the stop is bounded (grace, then SIGKILL): do not interrupt it
+        signal.signal(sig, signal.SIG_IGN)
+    raise _StopRequested(signal.Signals(signum).name)
+
+
+@app.command("run")
+def run(config: Annotated[Path, typer.Option("--config", help="The site's agent.toml.")]) -> None:
+    """Run this site's agent (daemon + Flower SuperNode) for the federation until Ctrl-C or SIGTERM."""
+    try:
+        cfg = AgentConfig.from_toml(config)
+    except AgentConfigError as e:
+        raise _fail(str(e)) from e
+    for warning in cfg.key_warnings():
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+    previous = {sig: signal.signal(sig, _request_stop) for sig in _STOP_SIGNALS}
+    try:
+        code = _run_agent(cfg)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    raise typer.Exit(code)
+
+
+def _run_agent(cfg: AgentConfig) -> int:
+    """Start the daemon, then the SuperNode; supervise both. Returns the exit code."""
+    from fedtune.client_agent.supernode import attach_supernode, start_agent  # imports flwr: only when needed
+
+    cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    supernode_log = cfg.state_dir / "supernode.log"
+    log_offset = supernode_log.stat().st_size if supernode_log.exists() else 0
+    agent: AgentProcesses | None = None
+    try:
+        t = time.monotonic()
+        agent = start_agent(client_id=cfg.client_id, base=cfg.base, key=cfg.signing_key, data=cfg.data,
+                            state_dir=cfg.state_dir, budget_epsilon=cfg.budget_epsilon,
+                            budget_delta=cfg.budget_delta, dataset_id=cfg.dataset, device=cfg.device, wait=False)
+        _say(f"agent {cfg.client_id}: loading base {cfg.base} on {cfg.device} (daemon pid {agent.daemon.pid}, "
+             f"log {cfg.state_dir / 'daemon.log'})")
+        attach_supernode(agent, superlink_address=cfg.superlink, root_cert=cfg.root_cert,
+                         auth_private_key=cfg.node_auth_key, clientappio_port=cfg.clientappio_port,
+                         ready_timeout_s=math.inf)  # a large base may take long; the daemon dying ends the wait
+        tls = "insecure (loopback)" if cfg.insecure else "TLS"
+        auth = ", node auth" if cfg.node_auth_key else ""
+        _say(f"daemon ready in {time.monotonic() - t:.1f} s; dataset {cfg.dataset!r}, lifetime budget "
+             f"epsilon={cfg.budget_epsilon:g}, delta={cfg.budget_delta:g}")
+        _say(f"SuperNode started (pid {agent.supernode.pid}, {tls}{auth}), connecting to {cfg.superlink}; "
+             "Ctrl-C stops the agent")
+        return _supervise(agent, cfg.superlink, supernode_log, log_offset)
+    except _StopRequested as stop:
+        _say(f"{stop}: stopping the SuperNode, then the daemon")
+        if agent is not None:
+            agent.stop()
+        _say("stopped")
+        return 0
+    except RuntimeError as e:  # the daemon exited while loading (attach_supernode stopped the agent)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        return 1
+    finally:
+        if agent is not None:
+            agent.stop()  # no-op when already stopped
+
+
+def _supervise(agent: AgentProcesses, superlink: str, supernode_log: Path, log_offset: int) -> int:
+    """Watch both children until one exits on its own (-> 1); report when the SuperNode connects."""
+    assert agent.supernode is not None
+    connected = retry_reported = False
+    while True:
+        for name, proc in (("SuperNode", agent.supernode), ("daemon", agent.daemon)):
+            if proc.poll() is not None:
+                err.print(f"[red]error:[/red] the {name} exited on its own (code {proc.returncode}); "
+                          "stopping the agent", highlight=False)
+                agent.stop()
+                err.print(escape(agent.log_tail()), highlight=False)
+                return 1
+        if not connected:
+            text = _read_from(supernode_log, log_offset)
+            if match := _SUPERNODE_ID.search(text):
+                _say(f"connected to {superlink} (SuperNode id {match.group(1)})")
+                connected = True
+            elif "Connection attempt failed" in text and not retry_reported:
+                _say(f"SuperLink {superlink} not reachable yet; the SuperNode keeps retrying")
+                retry_reported = True
+        time.sleep(0.5)
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _say(message: str) -> None:
+    console.print(escape(message), highlight=False, soft_wrap=True)
 
 
 @budget_app.command("set")
