@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedtune.client_agent.config import AgentConfig, AgentConfigError
 from fedtune.client_agent.data import DataError, data_digest, load_records
-from fedtune.client_agent.ledger import BudgetExceeded, PlannedRun, PrivacyLedger
+from fedtune.client_agent.ledger import LEDGER_FILE, BudgetExceeded, PlannedRun, PrivacyLedger
 from fedtune.client_agent.lora import LoraSettings, attach_lora, detach_lora, load_adapter_state, save_adapter
 from fedtune.client_agent.privacy import PrivacyConfig, PrivacyError
 from fedtune.client_agent.training import TrainConfig, plan_training, train_dp_lora
@@ -215,7 +215,7 @@ def budget_set(
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Set (or lower) a dataset's lifetime privacy budget."""
-    with PrivacyLedger(state_dir / "ledger.db") as ledger:
+    with PrivacyLedger(state_dir / LEDGER_FILE) as ledger:
         try:
             ledger.set_budget(dataset, epsilon, delta)
         except ValueError as e:
@@ -227,10 +227,10 @@ def budget_set(
 def budget_show(dataset: Annotated[str, typer.Option(help="Dataset id.")], state_dir: StateDir = DEFAULT_STATE_DIR,
                 ) -> None:
     """Print a dataset's budget, what its runs spent, and what is left (JSON)."""
-    with PrivacyLedger(state_dir / "ledger.db") as ledger:
+    with PrivacyLedger(state_dir / LEDGER_FILE) as ledger:
         budget = ledger.budget(dataset)
         if budget is None:
-            raise _fail(f"dataset {dataset!r} has no budget in {state_dir / 'ledger.db'}")
+            raise _fail(f"dataset {dataset!r} has no budget in {state_dir / LEDGER_FILE}")
         spent, left = ledger.spent(dataset), ledger.remaining(dataset)
         print(json.dumps({"dataset": dataset, "budget": vars(budget), "spent": vars(spent), "remaining": vars(left),
                           "runs": ledger.runs(dataset)}, indent=2))
@@ -259,7 +259,7 @@ def train_local(
     dp: Annotated[bool, typer.Option("--dp/--no-dp", help="--no-dp trains without privacy (baselines only; "
                                      "the ledger is not involved).")] = True,
     dataset_id: Annotated[str | None, typer.Option(help="Budget name of the data (default: the data file's "
-                                                   "absolute path).")] = None,
+                                                   "name without extension, as `agent run` names it).")] = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
@@ -277,8 +277,8 @@ def train_local(
     except (DataError, PrivacyError, ValueError) as e:
         raise _fail(str(e)) from e
 
-    dataset_id = dataset_id or str(data.resolve())
-    with PrivacyLedger(state_dir / "ledger.db") as ledger:
+    dataset_id = dataset_id or data.stem
+    with PrivacyLedger(state_dir / LEDGER_FILE) as ledger:
         run_id = None
         if plan is not None:
             try:

@@ -42,7 +42,7 @@ import torch
 
 from fedtune.client_agent.data import Record, data_digest, load_records
 from fedtune.client_agent.flower_app import recorddict_from_bytes, recorddict_to_bytes
-from fedtune.client_agent.ledger import BudgetExceeded, PlannedRun, PrivacyLedger
+from fedtune.client_agent.ledger import LEDGER_FILE, BudgetExceeded, PlannedRun, PrivacyLedger
 from fedtune.client_agent.lora import LoraSettings
 from fedtune.client_agent.privacy import PrivacyConfig
 from fedtune.client_agent.training import TrainConfig, plan_training, train_dp_lora
@@ -99,7 +99,7 @@ class Agent:
 
         self.settings = settings
         t = time.perf_counter()
-        self.base = base if base is not None else load_pretrained(settings.base_path)
+        self.base = base if base is not None else load_pretrained(settings.base_path, device=settings.device)
         self.base.eval()
         self.base_digest = base_digest or checkpoint_digest(read_index(settings.base_path))
         self.load_seconds = time.perf_counter() - t
@@ -107,7 +107,7 @@ class Agent:
         self.records: list[Record] = load_records(settings.data_path)
         self.data_digest = data_digest(settings.data_path)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self.ledger = PrivacyLedger(settings.state_dir / "privacy_ledger.db")
+        self.ledger = PrivacyLedger(settings.state_dir / LEDGER_FILE)
         if settings.budget_epsilon is not None:
             self.ledger.set_budget(settings.dataset_id, settings.budget_epsilon, settings.budget_delta or 1e-5)
         self._lock = threading.Lock()  # one training run at a time on this base

@@ -68,6 +68,9 @@ class PlannedRun:
     accountant: str
 
 
+LEDGER_FILE = "privacy_ledger.db"  # in an agent's state directory: one ledger per site, daemon and CLI alike
+
+
 class PrivacyLedger:
     """Lifetime budgets and spent privacy per dataset, in one SQLite file."""
 

@@ -47,7 +47,7 @@ def test_train_local_writes_peft_adapter_and_report_and_settles_the_ledger(setup
     assert report["epsilon"] <= 3.0 and report["steps"] == 2
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    with PrivacyLedger(state / "ledger.db") as ledger:
+    with PrivacyLedger(state / "privacy_ledger.db") as ledger:
         (run,) = ledger.runs("memos")
         assert run["status"] == "completed" and run["epsilon"] == pytest.approx(report["epsilon"])
 
@@ -56,7 +56,7 @@ def test_train_local_writes_peft_adapter_and_report_and_settles_the_ledger(setup
     assert refused.exit_code == 3
     assert "refusing to train" in refused.output and "remaining epsilon=2" in refused.output
     assert not (tmp_path / "out2").exists()
-    with PrivacyLedger(state / "ledger.db") as ledger:
+    with PrivacyLedger(state / "privacy_ledger.db") as ledger:
         assert len(ledger.runs("memos")) == 1
 
 
@@ -65,7 +65,7 @@ def test_bad_data_line_is_named_and_nothing_is_reserved(setup):
     data.write_text(data.read_text() + '{"prompt": "x"}\n')
     result = _train(tmp_path, data, state, tmp_path / "out", 1.0)
     assert result.exit_code == 2 and ":41" in result.output.replace("line ", ":")
-    with PrivacyLedger(state / "ledger.db") as ledger:
+    with PrivacyLedger(state / "privacy_ledger.db") as ledger:
         assert ledger.runs("memos") == []
 
 

@@ -69,3 +69,13 @@ def test_every_command_has_help():
                  ["demo", "--help"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_init_std_sets_the_spread_of_the_random_weights(tmp_path):
+    from fedtune.model import load_pretrained
+
+    assert runner.invoke(app, ["model", "init-tiny", str(tmp_path / "wide"), "--init-std", "0.1"]).exit_code == 0
+    model = load_pretrained(tmp_path / "wide")
+    std = float(model.lm_head.weight.std())
+    assert 0.09 < std < 0.11  # normal(0, 0.1) over 512 x 64 samples
+    assert runner.invoke(app, ["model", "init-tiny", str(tmp_path / "bad"), "--init-std", "0"]).exit_code != 0
