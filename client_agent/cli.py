@@ -250,6 +250,8 @@ def train_local(
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
     max_len: Annotated[int, typer.Option(help="Tokens per record.")] = 256,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    target_modules: Annotated[str | None, typer.Option(help="Comma-separated projections to adapt (default: all "
+                                                       "attention and dense-MLP projections).")] = None,
     expert_lora: Annotated[bool, typer.Option(help="Also adapt the routed experts (per-expert LoRA).")] = False,
     ffa: Annotated[bool, typer.Option(help="FFA-LoRA: A fixed from the seed, only B trained.")] = False,
     seed: Annotated[int, typer.Option(help="Adapter initialisation seed.")] = 0,
@@ -272,7 +274,9 @@ def train_local(
                                 epochs=epochs, lr=lr, max_len=max_len, seed=seed, device=device)
         privacy_cfg = PrivacyConfig(target_epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm,
                                     accountant=accountant, secure_mode=secure_mode, enabled=dp)
-        settings = LoraSettings(rank=rank, alpha=2.0 * rank, expert_lora=expert_lora, ffa=ffa, seed=seed)
+        targets = {"target_modules": tuple(t.strip() for t in target_modules.split(",") if t.strip())} \
+            if target_modules else {}
+        settings = LoraSettings(rank=rank, alpha=2.0 * rank, expert_lora=expert_lora, ffa=ffa, seed=seed, **targets)
         plan = plan_training(len(records), train_cfg, privacy_cfg)
     except (DataError, PrivacyError, ValueError) as e:
         raise _fail(str(e)) from e

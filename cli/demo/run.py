@@ -1,0 +1,389 @@
+"""What ``fedtune demo`` does, step by step (see ``__init__.py`` for the command)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+import subprocess
+import time
+import zipfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from fedtune.cli.demo.evaluate import Metrics, evaluate
+from fedtune.cli.demo.sites import Site, demo_sites, write_site_data
+from fedtune.cli.demo.stack import Child, Stack, fedtune_bin, healthy, wait_until, write_toml
+from fedtune.coordinator.superlink import free_port
+
+console = Console()
+JOB_ID = "demo-job"
+TARGET_MODULES = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+BASE_INIT_STD = 0.1
+
+
+@dataclass
+class DemoOptions:
+    out: Path
+    clients: int = 3
+    rounds: int = 4
+    base: Path | None = None
+    records: int = 512
+    heldout: int = 128
+    epsilon: float = 8.0  # per site, for the whole federated job
+    steps: int = 20  # DP-SGD steps per round at each site
+    batch_size: int = 64
+    lr: float = 0.03
+    rank: int = 8
+
+
+@dataclass
+class SiteRun:
+    site: Site
+    root: Path
+    train: Path
+    heldout: Path
+    keys: Path
+    public_key: str = ""
+    node_public_key: str = ""
+    child: Child | None = None
+
+
+@dataclass
+class Results:
+    """Everything the report needs."""
+
+    options: DemoOptions
+    base: Path
+    base_digest: str
+    base_built: bool
+    sites: list[SiteRun]
+    run_dir: Path
+    per_round: dict[int, dict[str, Metrics]] = field(default_factory=dict)  # version -> site -> metrics
+    rounds: list[dict] = field(default_factory=list)
+    versions: list[dict] = field(default_factory=list)
+    epsilon: dict[str, dict] = field(default_factory=dict)  # site -> {federated, local, job_budget, lifetime}
+    epsilon_rounds: dict[str, list[float]] = field(default_factory=dict)  # site -> epsilon of each round (its ledger)
+    local: dict[str, Metrics] = field(default_factory=dict)
+    final: dict[str, Metrics] = field(default_factory=dict)
+    audit: dict = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _step(text: str) -> None:
+    console.rule(f"[bold]{text}")
+
+
+def build_base(out: Path) -> tuple[Path, bool]:
+    """The demo base (tiny preset, random weights with std 0.1, int4) under ``out/base``, built once."""
+    from fedtune.model.checkpoint import save_pretrained
+    from fedtune.model.config import PRESETS
+    from fedtune.model.convert import convert_checkpoint
+    from fedtune.model.model import DeepseekForCausalLM, init_weights
+
+    base = out / "base" / "int4"
+    if (base / "config.json").exists():
+        return base, False
+    scratch = out / "base" / ".building"
+    shutil.rmtree(scratch, ignore_errors=True)
+    model = DeepseekForCausalLM(dataclasses.replace(PRESETS["tiny"], initializer_range=BASE_INIT_STD))
+    init_weights(model, 0)
+    save_pretrained(model, scratch / "float")
+    convert_checkpoint(scratch / "float", scratch / "int4", "int4", 32)
+    (scratch / "int4").rename(base)  # in place only once complete: an interrupted build is redone
+    shutil.rmtree(scratch, ignore_errors=True)
+    return base, True
+
+
+def _prepare_sites(opts: DemoOptions, run_dir: Path, base: Path, superlink: str, ca: Path) -> list[SiteRun]:
+    from fedtune.client_agent.supernode import write_supernode_auth_key
+    from fedtune.compliance.signing import encode_public_key, generate_signing_key, save_private_key
+
+    runs = []
+    for site in demo_sites(opts.clients):
+        root = run_dir / "sites" / site.client_id
+        train, heldout = write_site_data(site, root / "data", records=opts.records, heldout=opts.heldout)
+        keys = root / "keys"
+        keys.mkdir(parents=True, mode=0o700)
+        receipt = generate_signing_key()  # what `fedtune agent keygen --dir keys` writes
+        save_private_key(keys / "receipt.pem", receipt)
+        node_pub = write_supernode_auth_key(keys / "node-key")
+        run = SiteRun(site, root, train, heldout, keys, encode_public_key(receipt), node_pub.read_text().strip())
+        write_toml(root / "agent.toml", "agent", {
+            "client_id": site.client_id, "superlink": superlink, "root_cert": str(ca),
+            "signing_key": "keys/receipt.pem", "node_auth_key": "keys/node-key", "base": str(base.resolve()),
+            "data": "data/train.jsonl", "dataset_id": "train", "budget_epsilon": _lifetime_budget(opts),
+            "budget_delta": 1e-4, "device": "cpu", "state_dir": "state"})
+        runs.append(run)
+    return runs
+
+
+def _lifetime_budget(opts: DemoOptions) -> float:
+    """Each site's lifetime epsilon: the federated job and the local-only baseline, with room to spare."""
+    return round(2.5 * opts.epsilon, 3)
+
+
+def _job_body(opts: DemoOptions, digest: str, sites: list[SiteRun]) -> dict:
+    return {"id": JOB_ID, "base_digest": digest, "clients": [s.site.client_id for s in sites],
+            "rounds": opts.rounds, "min_clients": len(sites), "aggregation": {"method": "ffa"},
+            "round_timeout_s": 600, "max_client_epsilon": opts.epsilon,
+            "lora": {"rank": opts.rank, "alpha": 2.0 * opts.rank, "ffa": True, "target_modules": TARGET_MODULES},
+            "train": {"batch_size": opts.batch_size, "physical_batch_size": opts.batch_size, "steps": opts.steps,
+                      "max_len": 48, "lr": opts.lr},
+            "privacy": {"target_epsilon": round(opts.epsilon / opts.rounds, 6), "delta": 1e-5, "secure_mode": True},
+            "processing": {"purpose": "fedtune demo: synthetic memo categories and triage levels",
+                           "data_categories": ["synthetic transaction memos", "synthetic triage notes"],
+                           "retention_days": 30}}
+
+
+class Api:
+    """The admin API as the demo's operator and auditor use it."""
+
+    def __init__(self, url: str, ca: Path, operator: str, auditor: str) -> None:
+        self.client = httpx.Client(base_url=f"{url}/api/v1", timeout=120, verify=str(ca))
+        self.op = {"Authorization": f"Bearer {operator}"}
+        self.aud = {"Authorization": f"Bearer {auditor}"}
+
+    def call(self, method: str, path: str, *, auditor: bool = False, expect: int = 200, **kw) -> httpx.Response:
+        r = self.client.request(method, path, headers=self.aud if auditor else self.op, **kw)
+        if r.status_code != expect:
+            raise RuntimeError(f"{method} {path}: {r.status_code} {r.text[:500]}")
+        return r
+
+
+def _tokens(data_dir: Path, url: str) -> tuple[str, str]:
+    from fedtune.coordinator.api.auth import create_token
+    from fedtune.coordinator.migrations import upgrade_database
+    from fedtune.coordinator.store import create_session_factory, create_store_engine
+
+    engine = create_store_engine(url)
+    upgrade_database(engine)
+    sessions = create_session_factory(engine, immediate=True)
+    tokens = []
+    for role in ("operator", "auditor"):
+        with sessions.begin() as s:
+            tokens.append(create_token(s, name=f"demo {role}", role=role)[1])
+    engine.dispose()
+    return tokens[0], tokens[1]
+
+
+def _site_progress(sites: list[SiteRun], round_number: int) -> dict[str, tuple[bool, float]]:
+    """Per site, from its own ledger: has it finished training round ``round_number``, and its epsilon spent."""
+    from fedtune.client_agent.ledger import LEDGER_FILE, PrivacyLedger
+
+    out = {}
+    for run in sites:
+        path = run.root / "state" / LEDGER_FILE
+        if not path.exists():
+            out[run.site.client_id] = (False, 0.0)
+            continue
+        with PrivacyLedger(path) as ledger:
+            rows = [r for r in ledger.runs("train") if r["job_id"] == JOB_ID]
+        done = any(r["round"] == round_number and r["status"] == "completed" for r in rows)
+        out[run.site.client_id] = (done, sum(r["epsilon"] for r in rows if r["status"] == "completed"))
+    return out
+
+
+def _ledger_rounds(sites: list[SiteRun]) -> dict[str, list[float]]:
+    from fedtune.client_agent.ledger import LEDGER_FILE, PrivacyLedger
+
+    out = {}
+    for run in sites:
+        with PrivacyLedger(run.root / "state" / LEDGER_FILE) as ledger:
+            rows = [r for r in ledger.runs("train") if r["job_id"] == JOB_ID and r["status"] == "completed"]
+        out[run.site.client_id] = [r["epsilon"] for r in sorted(rows, key=lambda r: r["round"])]
+    return out
+
+
+def _progress_table(res: Results, job: dict, started: float) -> Table:
+    opts = res.options
+    current = min(job["rounds_done"] + 1, opts.rounds)
+    title = (f"job {JOB_ID}: {job['status']}, round {current if job['status'] == 'running' else job['rounds_done']}"
+             f"/{opts.rounds}, {time.monotonic() - started:.0f} s")
+    table = Table(title=title, title_justify="left")
+    for col in ("site", f"round {current}", "epsilon spent / job budget", "held-out loss", "held-out accuracy"):
+        table.add_column(col)
+    progress = _site_progress(res.sites, current)
+    latest = res.per_round.get(max(res.per_round)) if res.per_round else {}
+    for run in res.sites:
+        cid = run.site.client_id
+        done, eps = progress[cid]
+        state = "trained" if done else ("training" if job["status"] == "running" else "-")
+        m = latest.get(cid)
+        table.add_row(cid, state, f"{eps:.2f} / {opts.epsilon:g}", f"{m.loss:.3f}" if m else "-",
+                      f"{m.accuracy:.0%}" if m else "-")
+    return table
+
+
+def _evaluate_version(res: Results, api: Api, base_model, tokenizer, version: int) -> None:
+    target = res.run_dir / "adapters" / f"v{version}"
+    if not target.exists():
+        r = api.call("GET", f"/jobs/{JOB_ID}/adapters/{version}/download")
+        tmp = target.with_name(f".v{version}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        zipfile.ZipFile(io.BytesIO(r.content)).extractall(tmp)
+        tmp.rename(target)
+    res.per_round[version] = {run.site.client_id: evaluate(base_model, tokenizer, run.site, run.heldout,
+                                                           target if version > 0 else None)
+                              for run in res.sites}
+
+
+def run_demo(opts: DemoOptions) -> Results:
+    """Everything, start to end; returns what the report shows. Ctrl-C stops every child."""
+    from fedtune.coordinator.tls import write_self_signed_ca_and_server_cert
+    from fedtune.model import load_pretrained
+    from fedtune.model.safetensors_index import checkpoint_digest, read_index
+    from fedtune.model.tokenizer import load_tokenizer
+
+    t0 = time.monotonic()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    _step("1. the base model")
+    if opts.base is not None:
+        base, built = opts.base, False
+        if not (base / "config.json").exists():
+            raise ValueError(f"--base {base} is not a checkpoint directory (no config.json)")
+    else:
+        base, built = build_base(opts.out)
+    digest = checkpoint_digest(read_index(base))
+    console.print(f"{'built' if built else 'reusing'} {base} (digest {digest[:16]}...)")
+
+    run_dir = opts.out / f"run-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    run_dir.mkdir()
+    res = Results(opts, base, digest, built, [], run_dir)
+    stack = Stack()
+    try:
+        _step("2. the coordinator: admin API, SuperLink behind its fleet gateway (TLS, node auth), SQLite store")
+        coord = run_dir / "coordinator"
+        tls = write_self_signed_ca_and_server_cert(coord / "tls", ["127.0.0.1"])
+        port, fleet, link = free_port(), free_port(), free_port()
+        config = write_toml(coord / "coordinator.toml", "coordinator", {
+            "data_dir": "data", "bases": [str(base.resolve())], "host": "127.0.0.1", "port": port,
+            "fleet_host": "127.0.0.1", "fleet_port": fleet, "superlink_port": link,
+            "tls_ca_cert": "tls/ca.pem", "tls_cert": "tls/server.pem", "tls_key": "tls/server.key",
+            "supernode_auth": True})
+        (coord / "data").mkdir(parents=True, exist_ok=True)
+        operator, auditor = _tokens(coord / "data", f"sqlite:///{(coord / 'data' / 'coordinator.db').resolve()}")
+        stack.coordinator = Child.start("coordinator", [fedtune_bin(), "coordinator", "serve", "--config",
+                                                        str(config)], run_dir / "logs" / "coordinator.log")
+        url = f"https://127.0.0.1:{port}"
+        wait_until("the admin API", lambda: healthy(url, str(tls.ca_cert)), 180, stack)
+        console.print(f"admin API {url}/api/v1, fleet gateway 127.0.0.1:{fleet}; log {stack.coordinator.log}")
+        api = Api(url, tls.ca_cert, operator, auditor)
+
+        _step("3. the sites: private data, keys, registration through the admin API")
+        res.sites = _prepare_sites(opts, run_dir, base, f"127.0.0.1:{fleet}", tls.ca_cert.resolve())
+        for run in res.sites:
+            s = run.site
+            api.call("POST", "/clients", expect=201, json={"id": s.client_id, "org": s.org, "name": s.name,
+                                                           "public_key": run.public_key,
+                                                           "node_public_key": run.node_public_key})
+            console.print(f"{s.client_id}: {s.task}, {opts.records} records + {opts.heldout} held out in "
+                          f"{run.root / 'data'}")
+
+        def registered() -> bool:
+            items = api.call("GET", "/clients").json()["items"]
+            return all(c["flower_node_id"] is not None for c in items)
+
+        wait_until("the SuperNode keys to be registered with the SuperLink", registered, 120, stack)
+        for run in res.sites:
+            run.child = Child.start(run.site.client_id, [fedtune_bin(), "agent", "run", "--config",
+                                                         str(run.root / "agent.toml")],
+                                    run_dir / "logs" / f"{run.site.client_id}.log",
+                                    env={"FEDTUNE_AGENT_THREADS": "1"})
+            stack.agents.append(run.child)
+        res.seconds["setup"] = time.monotonic() - t0
+
+        _step(f"4. the federated job: {opts.rounds} rounds, DP-SGD at every site, epsilon {opts.epsilon:g} per site")
+        api.call("POST", "/jobs", expect=201, json=_job_body(opts, digest, res.sites))
+        api.call("POST", f"/jobs/{JOB_ID}/start")
+        base_model = load_pretrained(base)
+        tokenizer = load_tokenizer(base)
+        _evaluate_version(res, api, base_model, tokenizer, 0)
+        started = time.monotonic()
+        with Live(console=console, refresh_per_second=2) as live:
+            while True:
+                stack.check()
+                job = api.call("GET", f"/jobs/{JOB_ID}").json()
+                latest = job["latest_version"] or 0
+                for version in range(1, latest + 1):
+                    if version not in res.per_round:
+                        _evaluate_version(res, api, base_model, tokenizer, version)
+                live.update(_progress_table(res, job, started))
+                if job["status"] in ("completed", "failed", "aborted"):
+                    break
+                time.sleep(2)
+        if job["status"] != "completed":
+            raise RuntimeError(f"the job ended {job['status']}; see {stack.coordinator.log}")
+        res.seconds["federated"] = time.monotonic() - started
+        res.rounds = api.call("GET", f"/jobs/{JOB_ID}/rounds", auditor=True).json()["items"]
+        res.versions = api.call("GET", f"/jobs/{JOB_ID}/adapters", auditor=True).json()["items"]
+        for run in res.sites:
+            budget = api.call("GET", f"/clients/{run.site.client_id}/privacy/budget", auditor=True).json()
+            res.epsilon[run.site.client_id] = {"federated": budget["jobs"][0]["epsilon_spent"],
+                                               "job_budget": opts.epsilon, "lifetime": _lifetime_budget(opts)}
+        stack.stop_agents()
+        res.epsilon_rounds = _ledger_rounds(res.sites)
+
+        _step("5. local-only baselines: each site alone, DP at the same epsilon (fedtune agent train-local)")
+        t = time.monotonic()
+        _local_baselines(res)
+        for run in res.sites:
+            res.local[run.site.client_id] = evaluate(base_model, tokenizer, run.site, run.heldout,
+                                                     run.root / "local-adapter")
+        res.seconds["local"] = time.monotonic() - t
+        final = max(res.per_round)
+        res.final = res.per_round[final]
+
+        _step("6. the audit trail: export through the admin API, verify offline with the coordinator's public key")
+        res.audit = _export_and_verify(api, coord, run_dir)
+        console.print(f"fedtune audit verify: {'PASSED' if res.audit['ok'] else 'FAILED'}")
+    finally:
+        stack.stop()
+    res.seconds["total"] = time.monotonic() - t0
+    return res
+
+
+def _local_baselines(res: Results) -> None:
+    """``fedtune agent train-local`` per site, in parallel, on the site's ledger (it spends the site's budget)."""
+    opts = res.options
+    procs = []
+    for run in res.sites:
+        eps = res.epsilon[run.site.client_id]["federated"]
+        args = [fedtune_bin(), "agent", "train-local", "--base", str(res.base), "--data", str(run.train),
+                "--out", str(run.root / "local-adapter"), "--epsilon", f"{eps:.6f}", "--delta", "1e-5",
+                "--steps", str(opts.rounds * opts.steps), "--batch-size", str(opts.batch_size),
+                "--physical-batch-size", str(opts.batch_size), "--lr", str(opts.lr), "--max-len", "48",
+                "--rank", str(opts.rank), "--ffa", "--target-modules", ",".join(TARGET_MODULES),
+                "--dataset-id", "train", "--state-dir", str(run.root / "state")]
+        log = res.run_dir / "logs" / f"{run.site.client_id}-local.log"
+        procs.append((run, log, Child.start(f"{run.site.client_id} train-local", args, log,
+                                            env={"OMP_NUM_THREADS": "1"})))
+    for run, log, child in procs:
+        child.wait(1800)
+        if child.popen.returncode != 0:
+            raise RuntimeError(f"train-local at {run.site.client_id} failed; log {log}:\n{child.tail()}")
+        report = json.loads((run.root / "local-adapter" / "report.json").read_text())
+        res.epsilon[run.site.client_id]["local"] = report["epsilon"]
+
+
+def _export_and_verify(api: Api, coord: Path, run_dir: Path) -> dict:
+    from fedtune.compliance.signing import load_private_key, public_key_pem
+
+    r = api.call("POST", "/audit/export", auditor=True, json={"format": "jsonl"})
+    export = run_dir / "audit-export"
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(export)
+    # The auditor gets the coordinator's public key out of band; here it is derived from the key file.
+    pub = run_dir / "coordinator-public.pem"
+    pub.write_bytes(public_key_pem(load_private_key(coord / "data" / "keys" / "coordinator.pem")))
+    out = subprocess.run([fedtune_bin(), "audit", "verify", str(export), "--pubkey", str(pub)],
+                         capture_output=True, text=True, timeout=300)
+    manifest = json.loads((export / "manifest.json").read_text()) if (export / "manifest.json").exists() else {}
+    return {"ok": out.returncode == 0, "output": (out.stdout + out.stderr).strip(), "export": str(export),
+            "records": manifest.get("records"), "pubkey": str(pub)}
