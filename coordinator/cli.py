@@ -1,24 +1,36 @@
 """`fedtune coordinator ...`: the admin API with its SuperLink, and API tokens.
 
 ``serve`` runs, in one process tree: the admin API (uvicorn), the Flower SuperLink (a child
-process; its Control API stays on 127.0.0.1) and the job supervisor that starts a Flower run for
-every running job. Settings come from options or a TOML file (``--config``; options win); keys
-the coordinator needs and does not find are generated once into ``DATA_DIR/keys`` (mode 0600).
+process on 127.0.0.1:``superlink_port``: its Fleet, Control and runtime APIs share that port and
+the Control API has no authentication), the fleet gateway (``fleet_gateway.py``, on
+``fleet_host:fleet_port``: forwards only the Fleet API to the SuperLink; what SuperNodes dial) and
+the job supervisor that starts a Flower run for every running job. Only two ports are meant to be
+reachable from other sites: the admin API and the fleet gateway; both serve HTTPS with the
+coordinator's certificate when TLS is configured. Settings come from options or a TOML file
+(``--config``; options win); keys the coordinator needs and does not find are generated once into
+``DATA_DIR/keys`` (mode 0600).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import ipaddress
 import logging
 import os
+import signal
+import threading
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+if TYPE_CHECKING:
+    from fedtune.coordinator.tls import TlsFiles
 
 app = typer.Typer(help="The coordinator: admin API, Flower SuperLink, job supervisor, API tokens.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -48,7 +60,9 @@ class ServeConfig:
     bases: list[Path] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 8080
+    fleet_host: str = "127.0.0.1"
     fleet_port: int = 9092
+    superlink_port: int = 9091
     superlink: bool = True
     tls_ca_cert: Path | None = None
     tls_cert: Path | None = None
@@ -81,6 +95,20 @@ class ServeConfig:
 
     def url(self) -> str:
         return self.database_url or os.environ.get(DATABASE_ENV) or f"sqlite:///{(self.data_dir / 'coordinator.db')}"
+
+    def tls_files(self) -> TlsFiles | None:
+        """The coordinator's TLS files (admin API, fleet gateway, SuperLink), or None without TLS.
+
+        Raises:
+            ValueError: only some of ``tls_ca_cert``, ``tls_cert``, ``tls_key`` are set.
+        """
+        from fedtune.coordinator.tls import TlsFiles
+
+        if not (self.tls_cert or self.tls_key or self.tls_ca_cert):
+            return None
+        if not (self.tls_cert and self.tls_key and self.tls_ca_cert):
+            raise ValueError("TLS needs all of tls_ca_cert, tls_cert and tls_key")
+        return TlsFiles(ca_cert=self.tls_ca_cert, cert=self.tls_cert, key=self.tls_key)
 
 
 def _key_file(path: Path | None, default: Path, make) -> Path:
@@ -126,18 +154,30 @@ def serve(
     data_dir: Annotated[Path | None, typer.Option(help="Where blobs, keys, Flower state and logs live.")] = None,
     database_url: DatabaseUrl = None,
     base: Annotated[list[Path] | None, typer.Option(help="A base checkpoint jobs may use (repeatable).")] = None,
-    host: Annotated[str | None, typer.Option(help="Admin API address.")] = None,
-    port: Annotated[int | None, typer.Option(help="Admin API port.")] = None,
-    fleet_port: Annotated[int | None, typer.Option(help="The SuperLink's port (SuperNodes connect here).")] = None,
+    host: Annotated[str | None, typer.Option(help="Admin API address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Admin API port (default 8080).")] = None,
+    fleet_host: Annotated[str | None, typer.Option(
+        help="The fleet gateway's address; 0.0.0.0 accepts SuperNodes of other sites (default 127.0.0.1).")] = None,
+    fleet_port: Annotated[int | None, typer.Option(
+        help="The fleet gateway's port: SuperNodes dial it (default 9092).")] = None,
+    superlink_port: Annotated[int | None, typer.Option(
+        help="The SuperLink's port, on 127.0.0.1 only; 0 picks a free one (default 9091).")] = None,
     no_superlink: Annotated[bool, typer.Option(help="Serve the API only (no SuperLink, no job runs).")] = False,
 ) -> None:
-    """Serve the admin API, run the Flower SuperLink and start a Flower run for every running job."""
+    """Serve the admin API, the Flower SuperLink behind its fleet gateway, and a Flower run per running job.
+
+    Reachable from other sites (when their hosts are not 127.0.0.1): the admin API
+    (--host/--port) and the fleet gateway (--fleet-host/--fleet-port), which forwards
+    only the SuperLink's Fleet API. The SuperLink itself, its unauthenticated Control
+    API included, listens on 127.0.0.1:--superlink-port. With TLS configured (the
+    TOML's tls_* keys) both reachable ports serve HTTPS with the coordinator's certificate.
+    """
     try:
         cfg = ServeConfig.from_toml(config) if config else ServeConfig()
     except (ValueError, TypeError) as e:
         raise _fail(str(e)) from e
     for name, value in (("data_dir", data_dir), ("database_url", database_url), ("host", host), ("port", port),
-                        ("fleet_port", fleet_port)):
+                        ("fleet_host", fleet_host), ("fleet_port", fleet_port), ("superlink_port", superlink_port)):
         if value is not None:
             setattr(cfg, name, value)
     if base:
@@ -151,16 +191,21 @@ def serve(
 
 
 def run_coordinator(cfg: ServeConfig) -> None:
-    """Start everything ``serve`` runs and block until the API server stops (Ctrl-C / SIGTERM)."""
-    import uvicorn
+    """Start everything ``serve`` runs and block until Ctrl-C / SIGTERM; then stop the admin API, the job
+    supervisor, the fleet gateway and the SuperLink, in that order.
 
+    Raises:
+        ValueError: inconsistent settings (partial TLS, SuperNode auth without TLS, one port for two servers).
+    """
     from fedtune.compliance.checkpoints import load_coordinator_key
     from fedtune.coordinator.api import ApiSettings, create_app
     from fedtune.coordinator.encryption import load_blob_key
+    from fedtune.coordinator.fleet_gateway import ThreadedServer
     from fedtune.coordinator.jobs import BaseCatalog
     from fedtune.coordinator.rounds import CoordinatorContext
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    tls = cfg.tls_files()
     data = cfg.data_dir.resolve()
     data.mkdir(parents=True, exist_ok=True)
     blob_key_file = _key_file(cfg.blob_key_file, data / "keys" / "blob.key", _write_blob_key)
@@ -176,22 +221,48 @@ def run_coordinator(cfg: ServeConfig) -> None:
     for digest, path in catalog.paths.items():
         console.print(f"base {path}: digest {digest}")
     settings = ApiSettings(ctx=ctx, catalog=catalog, signing_key=signing_key)
-    link = supervisor = None
-    try:
+    with contextlib.ExitStack() as running:  # stops what started, last first, however serve ends
+        running.enter_context(_signals_exit())
         if cfg.superlink:
-            link, supervisor = _start_flower(cfg, data, env, ctx)
-        console.print(f"admin API on http://{cfg.host}:{cfg.port}/api/v1 (OpenAPI: /docs)")
-        uvicorn.run(create_app(settings), host=cfg.host, port=cfg.port, log_level="warning")
+            _start_flower(cfg, data, env, ctx, tls, running)
+        api = ThreadedServer.start(create_app(settings), name="admin API", host=cfg.host, port=cfg.port, tls=tls,
+                                   log_level="warning")
+        running.callback(api.stop)
+        console.print(f"admin API on {api.url()}/api/v1 (OpenAPI: /docs)")
+        api.wait()
+
+
+@contextlib.contextmanager
+def _signals_exit():
+    """While inside, the first SIGTERM or SIGINT raises SystemExit(0) in the main thread, whatever it is
+    doing (starting up, serving), so that the ExitStack around it stops everything that started. While
+    that runs, SIGTERM is ignored and a second Ctrl-C (KeyboardInterrupt) cuts it short."""
+    handled = (signal.SIGTERM, signal.SIGINT)
+
+    def exit_(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        console.print(f"{signal.Signals(signum).name}: stopping")
+        raise SystemExit(0)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = {sig: signal.signal(sig, exit_) for sig in handled}
+    try:
+        yield
     finally:
-        if supervisor is not None:
-            supervisor.stop()
-        if link is not None:
-            link.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _start_flower(cfg: ServeConfig, data: Path, env: dict[str, str], ctx):
+def _start_flower(cfg: ServeConfig, data: Path, env: dict[str, str], ctx, tls: TlsFiles | None,
+                  running: contextlib.ExitStack) -> None:
+    """SuperLink on loopback, the fleet gateway in front of it, the job supervisor; each one's stop goes on
+    ``running`` as soon as it started."""
+    from fedtune.coordinator.fleet_gateway import start_fleet_gateway
     from fedtune.coordinator.superlink import (
-        TlsFiles,
+        free_port,
         start_superlink,
         wait_for_port,
         write_flower_app_dir,
@@ -199,23 +270,38 @@ def _start_flower(cfg: ServeConfig, data: Path, env: dict[str, str], ctx):
     )
     from fedtune.coordinator.supervisor import FlowerRuns, JobSupervisor
 
-    tls = None
-    if cfg.tls_cert or cfg.tls_key or cfg.tls_ca_cert:
-        if not (cfg.tls_cert and cfg.tls_key and cfg.tls_ca_cert):
-            raise ValueError("TLS needs all of tls_ca_cert, tls_cert and tls_key")
-        tls = TlsFiles(ca_cert=cfg.tls_ca_cert, cert=cfg.tls_cert, key=cfg.tls_key)
-    link = start_superlink(data / "superlink", port=cfg.fleet_port, env_extra=env, tls=tls,
+    superlink_port = cfg.superlink_port or free_port()
+    if superlink_port == cfg.fleet_port:
+        raise ValueError(f"superlink_port and fleet_port are both {superlink_port}: the SuperLink and the fleet "
+                         "gateway need a port each")
+    link = start_superlink(data / "superlink", port=superlink_port, env_extra=env, tls=tls,
                            supernode_auth=cfg.supernode_auth)
-    wait_for_port(cfg.fleet_port, proc=link)
-    console.print(f"Flower SuperLink on 127.0.0.1:{cfg.fleet_port} ({'TLS' if tls else 'insecure'}"
-                  f"{', SuperNode auth' if cfg.supernode_auth else ''}); log {link.log_path}")
+    running.callback(link.stop)
+    wait_for_port(superlink_port, proc=link)
+    console.print(f"Flower SuperLink on 127.0.0.1:{superlink_port} only ({'TLS' if tls else 'insecure'}"
+                  f"{', SuperNode auth' if cfg.supernode_auth else ''}; Fleet, Control and runtime APIs); "
+                  f"log {link.log_path}")
+    gateway = start_fleet_gateway(host=cfg.fleet_host, port=cfg.fleet_port, superlink_port=superlink_port, tls=tls)
+    running.callback(gateway.stop)
+    console.print(f"fleet gateway on {gateway.url()}: SuperNodes dial this host, port {gateway.port} "
+                  f"(forwards POST /v1/fleet/* only)")
+    if tls is None and not _is_loopback(cfg.fleet_host):
+        err.print(f"[yellow]warning:[/yellow] the fleet gateway listens on {escape(cfg.fleet_host)} without TLS: "
+                  "SuperNode traffic crosses the network in clear text; configure tls_ca_cert, tls_cert, tls_key")
     runs = FlowerRuns(app_dir=write_flower_app_dir(data / "flower-app"),
-                      flwr_home=write_flwr_home(data / "flwr-home", name="fedtune", port=cfg.fleet_port,
-                                                root_cert=cfg.tls_ca_cert if tls else None),
-                      connection="fedtune")
+                      flwr_home=write_flwr_home(data / "flwr-home", name="fedtune", port=superlink_port,
+                                                root_cert=tls.ca_cert if tls else None),
+                      connection="fedtune", node_auth=cfg.supernode_auth)
     supervisor = JobSupervisor(ctx, runs)
     supervisor.start()
-    return link, supervisor
+    running.callback(supervisor.stop)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @token_app.command("create")

@@ -2,8 +2,9 @@
 
 * :func:`start_superlink` runs ``flower-superlink`` with runtime dependency installation OFF
   (with it on, a SuperLink ran ``uv sync`` and pulled GBs of CUDA wheels), on 127.0.0.1 (its
-  Control API has no authentication: never expose it), insecure or with TLS, optionally with
-  SuperNode authentication. Its environment carries the ServerApp's config (``server_app.py``).
+  Control API has no authentication: never expose it; other sites reach its Fleet API through
+  :mod:`fedtune.coordinator.fleet_gateway`), insecure or with TLS, optionally with SuperNode
+  authentication. Its environment carries the ServerApp's config (``server_app.py``).
 * :func:`write_flower_app_dir` writes the small Flower app (pyproject only): its components name
   the installed modules ``fedtune.coordinator.server_app:app`` and
   ``fedtune.client_agent.flower_app:app`` (the FAB carries no code; both ends import the installed
@@ -16,6 +17,7 @@ SIGTERM to the SuperLink stops its superexec and ServerApp children too.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -25,6 +27,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cryptography import x509
 
 from fedtune.coordinator.tls import TlsFiles
 
@@ -90,6 +94,23 @@ def spawn(name: str, args: list[str], log_path: Path, env: dict[str, str], cwd: 
     return ManagedProcess(name, popen, log_path)
 
 
+def _require_loopback_name(cert_path: Path) -> None:
+    """Raise ValueError unless the certificate's subjectAltName lists the IP address 127.0.0.1."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cert_path}: not a readable PEM certificate ({e})") from e
+    try:
+        ips = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.IPAddress)
+    except x509.ExtensionNotFound:
+        ips = []
+    if ipaddress.ip_address("127.0.0.1") not in ips:
+        raise ValueError(f"{cert_path} does not name 127.0.0.1 in its subjectAltName: the ServerApp, the flwr "
+                         "CLI and the fleet gateway reach the SuperLink on loopback; add 127.0.0.1 to the "
+                         "certificate's hosts")
+
+
 def start_superlink(workdir: Path, *, port: int, env_extra: dict[str, str], tls: TlsFiles | None = None,
                     supernode_auth: bool = False) -> ManagedProcess:
     """Start ``flower-superlink`` on 127.0.0.1:``port`` (Fleet, Control and ServerApp APIs on one port).
@@ -97,9 +118,19 @@ def start_superlink(workdir: Path, *, port: int, env_extra: dict[str, str], tls:
     Args:
         workdir: its FLWR_HOME, state database and log live here.
         env_extra: the ServerApp's config (FEDTUNE_DATABASE_URL, FEDTUNE_BLOB_DIR, FEDTUNE_BLOB_KEY_FILE).
-        tls: server TLS files; None runs ``--insecure`` (loopback tests only).
-        supernode_auth: only SuperNodes whose public keys were registered may connect.
+        tls: server TLS files; the certificate must name 127.0.0.1, the address the ServerApp, the
+            ``flwr`` CLI and the fleet gateway dial. None runs ``--insecure`` (plain HTTP on loopback).
+        supernode_auth: only SuperNodes whose public keys were registered may connect (needs ``tls``:
+            ``flower-superlink`` refuses ``--enable-supernode-auth`` with ``--insecure``).
+
+    Raises:
+        ValueError: ``supernode_auth`` without ``tls``, or a certificate that does not name 127.0.0.1.
     """
+    if supernode_auth and tls is None:
+        raise ValueError("SuperNode authentication needs TLS (flower-superlink refuses --enable-supernode-auth "
+                         "with --insecure): configure tls_ca_cert, tls_cert and tls_key")
+    if tls is not None:
+        _require_loopback_name(tls.cert)
     workdir.mkdir(parents=True, exist_ok=True)
     args = [venv_bin("flower-superlink"), "--disable-runtime-dependency-installation",
             "--database", str(workdir / "superlink-state.db"), "--host", "127.0.0.1", "--port", str(port)]
