@@ -315,6 +315,10 @@ def run_demo(opts: DemoOptions) -> Results:
                 for version in range(1, latest + 1):
                     if version not in res.per_round:
                         _evaluate_version(res, api, base_model, tokenizer, version)
+                        if not console.is_terminal:  # a log, not a screen: one line per round
+                            console.print(f"round {version} committed after {time.monotonic() - started:.0f} s: "
+                                          + ", ".join(f"{cid} loss {m.loss:.3f} acc {m.accuracy:.0%}"
+                                                      for cid, m in res.per_round[version].items()))
                 live.update(_progress_table(res, job, started))
                 if job["status"] in ("completed", "failed", "aborted"):
                     break
