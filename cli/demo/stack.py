@@ -105,10 +105,17 @@ class Stack:
             child.wait(60)
 
     def stop(self) -> None:
-        self.stop_agents()
-        if self.coordinator is not None:
-            self.coordinator.signal(signal.SIGTERM)
-            self.coordinator.wait(60)
+        """Agents first, then the coordinator; a second Ctrl-C while waiting kills every child at once."""
+        try:
+            self.stop_agents()
+            if self.coordinator is not None:
+                self.coordinator.signal(signal.SIGTERM)
+                self.coordinator.wait(60)
+        except KeyboardInterrupt:
+            for child in self.agents + ([self.coordinator] if self.coordinator else []):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.popen.pid, signal.SIGKILL)
+            raise
 
 
 def wait_until(what: str, check, timeout_s: float, stack: Stack, poll_s: float = 1.0):
