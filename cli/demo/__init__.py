@@ -34,9 +34,13 @@ def demo(
     from fedtune.cli.demo.report import verdicts, write_report
     from fedtune.cli.demo.run import run_demo
 
-    if rounds < 1 or steps < 1 or records < 64 or heldout < 8 or not epsilon > 0:
-        console.print("[red]error:[/red] need --rounds >= 1, --steps >= 1, --records >= 64, --heldout >= 8, "
-                      "--epsilon > 0")
+    problems = [f"{name} {value} (need {need})" for name, value, ok, need in (
+        ("--clients", clients, 2 <= clients <= 8, "2 to 8: a federation needs two sites"),
+        ("--rounds", rounds, rounds >= 1, ">= 1"), ("--steps", steps, steps >= 1, ">= 1"),
+        ("--records", records, records >= 64, ">= 64, one Poisson batch"), ("--heldout", heldout, heldout >= 8, ">= 8"),
+        ("--epsilon", epsilon, 0 < epsilon <= 100, "in (0, 100]")) if not ok]
+    if problems:
+        console.print(f"[red]error:[/red] {escape('; '.join(problems))}")
         raise typer.Exit(2)
     opts = DemoOptions(out=out, clients=clients, rounds=rounds, base=base, records=records, heldout=heldout,
                        epsilon=epsilon, steps=steps)
