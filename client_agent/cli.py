@@ -29,16 +29,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedtune.client_agent.config import AgentConfig, AgentConfigError
-from fedtune.client_agent.data import DataError, data_digest, load_records
 from fedtune.client_agent.ledger import LEDGER_FILE, BudgetExceeded, PlannedRun, PrivacyLedger
-from fedtune.client_agent.lora import LoraSettings, attach_lora, detach_lora, load_adapter_state, save_adapter
-from fedtune.client_agent.privacy import PrivacyConfig, PrivacyError
-from fedtune.client_agent.training import TrainConfig, plan_training, train_dp_lora
 from fedtune.compliance.signing import encode_public_key, generate_signing_key, save_private_key
-from fedtune.model import CheckpointError, load_pretrained
-from fedtune.model.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
+    from fedtune.client_agent.lora import LoraSettings
     from fedtune.client_agent.supernode import AgentProcesses
 
 app = typer.Typer(help="The on-premise agent: keys, the federation agent, local DP-LoRA training and its "
@@ -266,6 +261,14 @@ def train_local(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Fine-tune LoRA adapters alone, with differential privacy, within the dataset's lifetime budget."""
+    # torch, peft and Opacus load here, not when any `fedtune` command starts
+    from fedtune.client_agent.data import DataError, data_digest, load_records
+    from fedtune.client_agent.lora import LoraSettings
+    from fedtune.client_agent.privacy import PrivacyConfig, PrivacyError
+    from fedtune.client_agent.training import TrainConfig, plan_training, train_dp_lora
+    from fedtune.model import CheckpointError, load_pretrained
+    from fedtune.model.tokenizer import load_tokenizer
+
     if out.exists() and any(out.iterdir()):
         raise _fail(f"{out} is not empty; choose a new directory for the adapter")
     try:
@@ -321,6 +324,8 @@ def train_local(
 
 def _write_outputs(base, settings: LoraSettings, state, report: dict, out: Path) -> None:
     """Adapter (peft format) + report.json, written to a temporary directory and renamed into place."""
+    from fedtune.client_agent.lora import attach_lora, detach_lora, load_adapter_state, save_adapter
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

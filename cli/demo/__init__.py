@@ -15,8 +15,6 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from fedtune.cli.demo.run import DemoOptions, console
-
 
 def demo(
     clients: Annotated[int, typer.Option(help="Number of institutions (2-8): bank-a, bank-b, hospital-c, ...")] = 3,
@@ -31,8 +29,7 @@ def demo(
     steps: Annotated[int, typer.Option(help="DP-SGD steps per round at each institution.")] = 20,
 ) -> None:
     """Run a federated, differentially private fine-tuning job on one machine and write a report."""
-    from fedtune.cli.demo.report import verdicts, write_report
-    from fedtune.cli.demo.run import run_demo
+    from fedtune.cli.demo.run import DemoOptions, console
 
     problems = [f"{name} {value} (need {need})" for name, value, ok, need in (
         ("--clients", clients, 2 <= clients <= 8, "2 to 8: a federation needs two sites"),
@@ -42,6 +39,9 @@ def demo(
     if problems:
         console.print(f"[red]error:[/red] {escape('; '.join(problems))}")
         raise typer.Exit(2)
+    from fedtune.cli.demo.report import verdicts, write_report  # heavy imports (torch, peft): only when running
+    from fedtune.cli.demo.run import run_demo
+
     opts = DemoOptions(out=out, clients=clients, rounds=rounds, base=base, records=records, heldout=heldout,
                        epsilon=epsilon, steps=steps)
     try:
