@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from fedtune.kernels import reference
 from fedtune.kernels.schemes import NF4_BLOCK, NF4_CODE, _nf4_absmax
 
+INT8PACK_K_MULTIPLE = 16
 SMALL_M = 32  # rows up to which the packed-weight matmuls beat dequantize + fp32 GEMM here
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -119,7 +120,9 @@ def quant_linear(
         packed = prepack(weights, scheme, group_size, in_features, int4pack=False)
     kp = _stored_k(weights, scheme, group_size, in_features)
     if x.dtype != torch.float64 and M <= SMALL_M:
-        if scheme == "int8":
+        # torch's int8 kernel reads past the row when K is not a multiple of 16 on AVX-512 CPUs (wrong
+        # results or a segfault, torch 2.13; fine on AVX2): such shapes take the dequantize route below.
+        if scheme == "int8" and in_features % INT8PACK_K_MULTIPLE == 0:
             y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), weights[0],
                                                    weights[1].to(torch.bfloat16))
             return y.to(x.dtype)
