@@ -61,6 +61,7 @@ class AgentConfig:
     device: str = "cpu"
     state_dir: Path = Path("state")
     clientappio_port: int | None = None
+    threads: int | None = None  # torch threads of the daemon; None: $FEDTUNE_AGENT_THREADS, else every CPU core
 
     @property
     def dataset(self) -> str:
@@ -274,6 +275,12 @@ def _port(name: str, value: Any, _base: Path) -> int:
     return value
 
 
+def _threads(name: str, value: Any, _base: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1024:
+        raise AgentConfigError(f"{name} must be a number of CPU threads (1-1024), not {value!r}")
+    return value
+
+
 def _superlink(name: str, value: Any, base: Path) -> str:
     address = _text(name, value, base)
     split_address(address)
@@ -284,4 +291,5 @@ _PARSERS = {
     "client_id": _client_id, "superlink": _superlink, "base": _path, "data": _path, "budget_epsilon": _positive,
     "root_cert": _path, "signing_key": _path, "node_auth_key": _path, "dataset_id": _text,
     "budget_delta": _delta, "device": _device, "state_dir": _path, "clientappio_port": _port,
+    "threads": _threads,
 }

@@ -120,7 +120,7 @@ def _prepare_sites(opts: DemoOptions, run_dir: Path, base: Path, superlink: str,
             "client_id": site.client_id, "superlink": superlink, "root_cert": str(ca),
             "signing_key": "keys/receipt.pem", "node_auth_key": "keys/node-key", "base": str(base.resolve()),
             "data": "data/train.jsonl", "dataset_id": "train", "budget_epsilon": _lifetime_budget(opts),
-            "budget_delta": 1e-4, "device": "cpu", "state_dir": "state"})
+            "budget_delta": 1e-4, "device": "cpu", "state_dir": "state", "threads": 1})  # 3 agents share 2 cores
         runs.append(run)
     return runs
 
