@@ -20,7 +20,7 @@ def demo(
     clients: Annotated[int, typer.Option(help="Number of institutions (2-8): bank-a, bank-b, hospital-c, ...")] = 3,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 4,
     base: Annotated[Path | None, typer.Option(help="A base checkpoint to use instead of building the demo base "
-                                                   "(it must use the byte-level tokenizer of the presets).")] = None,
+                                                   "(its own tokenizer is used).")] = None,
     out: Annotated[Path, typer.Option(help="Directory for the base (built once) and each run's files and report.")]
     = Path("out/demo"),
     records: Annotated[int, typer.Option(help="Training records per institution.")] = 512,
