@@ -12,6 +12,7 @@ data, trains DP-LoRA with a progress bar, and writes the adapter (peft format) a
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -65,18 +66,11 @@ def keygen(
     name: Annotated[str | None, typer.Option(help="Display name (default: the client id).")] = None,
 ) -> None:
     """Make this site's receipt-signing key (Ed25519) and SuperNode key (ECDSA P-384); print what to register."""
-    from fedtune.client_agent.supernode import write_supernode_auth_key  # imports flwr: only when needed
-
-    for file in KEYGEN_FILES:
-        if (key_dir / file).exists():
-            raise _fail(f"{key_dir / file} exists; keys are never overwritten (choose another --dir, or move the "
-                        "old keys away if you really mean to replace this site's identity)")
-    key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    receipt = generate_signing_key()
-    save_private_key(key_dir / RECEIPT_KEY, receipt)
-    public_key = encode_public_key(receipt)
-    _write_new(key_dir / "receipt.pub", public_key + "\n")
-    node_public_key = write_supernode_auth_key(key_dir / NODE_KEY).read_text().strip()
+    try:
+        public_key, node_public_key = write_site_keys(key_dir)
+    except FileExistsError as e:
+        raise _fail(f"{e.filename} exists; keys are never overwritten (choose another --dir, or move the old keys "
+                    "away if you really mean to replace this site's identity)") from e
     body = {"id": client_id or "<client-id>", "org": org or "<org>", "name": name or client_id or "<name>",
             "public_key": public_key, "node_public_key": node_public_key}
     console.print(f"wrote {escape(str(key_dir))}/: {RECEIPT_KEY} and {NODE_KEY} (private, mode 0600), "
@@ -87,6 +81,26 @@ def keygen(
                   "operator the public values; they register the site with POST /api/v1/clients and this body"
                   + ("" if client_id and org else " (fill in the <...> fields)") + ":", highlight=False, soft_wrap=True)
     print(json.dumps(body, indent=2))
+
+
+def write_site_keys(key_dir: Path) -> tuple[str, str]:
+    """Write a site's key files into ``key_dir`` (mode 0700): ``receipt.pem`` / ``receipt.pub`` (Ed25519) and
+    ``node-key`` / ``node-key.pub`` (SuperNode, ECDSA P-384); returns the two public values to register.
+
+    Raises:
+        FileExistsError: one of the files exists (nothing is written then).
+    """
+    from fedtune.client_agent.supernode import write_supernode_auth_key  # imports flwr: only when needed
+
+    for file in KEYGEN_FILES:
+        if (key_dir / file).exists():
+            raise FileExistsError(errno.EEXIST, "exists", str(key_dir / file))
+    key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    receipt = generate_signing_key()
+    save_private_key(key_dir / RECEIPT_KEY, receipt)
+    public_key = encode_public_key(receipt)
+    _write_new(key_dir / "receipt.pub", public_key + "\n")
+    return public_key, write_supernode_auth_key(key_dir / NODE_KEY).read_text().strip()
 
 
 def _write_new(path: Path, text: str) -> None:

@@ -25,6 +25,7 @@ from fedtune.coordinator.superlink import free_port
 
 console = Console()
 JOB_ID = "demo-job"
+DATASET_ID = "train"  # each site's budget name: its data file's stem, as agent run names it
 TARGET_MODULES = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 BASE_INIT_STD = 0.1
 
@@ -103,23 +104,19 @@ def build_base(out: Path) -> tuple[Path, bool]:
 
 
 def _prepare_sites(opts: DemoOptions, run_dir: Path, base: Path, superlink: str, ca: Path) -> list[SiteRun]:
-    from fedtune.client_agent.supernode import write_supernode_auth_key
-    from fedtune.compliance.signing import encode_public_key, generate_signing_key, save_private_key
+    from fedtune.client_agent.cli import write_site_keys
 
     runs = []
     for site in demo_sites(opts.clients):
         root = run_dir / "sites" / site.client_id
         train, heldout = write_site_data(site, root / "data", records=opts.records, heldout=opts.heldout)
         keys = root / "keys"
-        keys.mkdir(parents=True, mode=0o700)
-        receipt = generate_signing_key()  # what `fedtune agent keygen --dir keys` writes
-        save_private_key(keys / "receipt.pem", receipt)
-        node_pub = write_supernode_auth_key(keys / "node-key")
-        run = SiteRun(site, root, train, heldout, keys, encode_public_key(receipt), node_pub.read_text().strip())
+        public_key, node_public_key = write_site_keys(keys)  # what `fedtune agent keygen --dir keys` writes
+        run = SiteRun(site, root, train, heldout, keys, public_key, node_public_key)
         write_toml(root / "agent.toml", "agent", {
             "client_id": site.client_id, "superlink": superlink, "root_cert": str(ca),
             "signing_key": "keys/receipt.pem", "node_auth_key": "keys/node-key", "base": str(base.resolve()),
-            "data": "data/train.jsonl", "dataset_id": "train", "budget_epsilon": _lifetime_budget(opts),
+            "data": "data/train.jsonl", "dataset_id": DATASET_ID, "budget_epsilon": _lifetime_budget(opts),
             "budget_delta": 1e-4, "device": "cpu", "state_dir": "state", "threads": 1})  # 3 agents share 2 cores
         runs.append(run)
     return runs
@@ -174,31 +171,24 @@ def _tokens(data_dir: Path, url: str) -> tuple[str, str]:
     return tokens[0], tokens[1]
 
 
+def _job_runs(run: SiteRun) -> list[dict]:
+    """The site's completed runs of the demo job, by round, from its own privacy ledger."""
+    from fedtune.client_agent.ledger import LEDGER_FILE, PrivacyLedger
+
+    path = run.root / "state" / LEDGER_FILE
+    if not path.exists():  # the agent has not started yet
+        return []
+    with PrivacyLedger(path) as ledger:
+        rows = [r for r in ledger.runs(DATASET_ID) if r["job_id"] == JOB_ID and r["status"] == "completed"]
+    return sorted(rows, key=lambda r: r["round"])
+
+
 def _site_progress(sites: list[SiteRun], round_number: int) -> dict[str, tuple[bool, float]]:
-    """Per site, from its own ledger: has it finished training round ``round_number``, and its epsilon spent."""
-    from fedtune.client_agent.ledger import LEDGER_FILE, PrivacyLedger
-
+    """Per site: has it finished training round ``round_number``, and the epsilon it has spent on the job."""
     out = {}
     for run in sites:
-        path = run.root / "state" / LEDGER_FILE
-        if not path.exists():
-            out[run.site.client_id] = (False, 0.0)
-            continue
-        with PrivacyLedger(path) as ledger:
-            rows = [r for r in ledger.runs("train") if r["job_id"] == JOB_ID]
-        done = any(r["round"] == round_number and r["status"] == "completed" for r in rows)
-        out[run.site.client_id] = (done, sum(r["epsilon"] for r in rows if r["status"] == "completed"))
-    return out
-
-
-def _ledger_rounds(sites: list[SiteRun]) -> dict[str, list[float]]:
-    from fedtune.client_agent.ledger import LEDGER_FILE, PrivacyLedger
-
-    out = {}
-    for run in sites:
-        with PrivacyLedger(run.root / "state" / LEDGER_FILE) as ledger:
-            rows = [r for r in ledger.runs("train") if r["job_id"] == JOB_ID and r["status"] == "completed"]
-        out[run.site.client_id] = [r["epsilon"] for r in sorted(rows, key=lambda r: r["round"])]
+        rows = _job_runs(run)
+        out[run.site.client_id] = (any(r["round"] == round_number for r in rows), sum(r["epsilon"] for r in rows))
     return out
 
 
@@ -223,15 +213,14 @@ def _progress_table(res: Results, job: dict, started: float) -> Table:
 
 
 def _evaluate_version(res: Results, api: Api, base_model, tokenizer, version: int) -> None:
-    target = res.run_dir / "adapters" / f"v{version}"
-    if not target.exists():
+    target = res.run_dir / "adapters" / f"v{version}" if version > 0 else None  # version 0: B = 0, the base
+    if target is not None and not target.exists():
         r = api.call("GET", f"/jobs/{JOB_ID}/adapters/{version}/download")
         tmp = target.with_name(f".v{version}")
         shutil.rmtree(tmp, ignore_errors=True)
         zipfile.ZipFile(io.BytesIO(r.content)).extractall(tmp)
         tmp.rename(target)
-    res.per_round[version] = {run.site.client_id: evaluate(base_model, tokenizer, run.site, run.heldout,
-                                                           target if version > 0 else None)
+    res.per_round[version] = {run.site.client_id: evaluate(base_model, tokenizer, run.site, run.heldout, target)
                               for run in res.sites}
 
 
@@ -333,7 +322,7 @@ def run_demo(opts: DemoOptions) -> Results:
             res.epsilon[run.site.client_id] = {"federated": budget["jobs"][0]["epsilon_spent"],
                                                "job_budget": opts.epsilon, "lifetime": _lifetime_budget(opts)}
         stack.stop_agents()
-        res.epsilon_rounds = _ledger_rounds(res.sites)
+        res.epsilon_rounds = {run.site.client_id: [r["epsilon"] for r in _job_runs(run)] for run in res.sites}
 
         _step("5. local-only baselines: each site alone, DP at the same epsilon (fedtune agent train-local)")
         t = time.monotonic()
@@ -365,7 +354,7 @@ def _local_baselines(res: Results) -> None:
                 "--steps", str(opts.rounds * opts.steps), "--batch-size", str(opts.batch_size),
                 "--physical-batch-size", str(opts.batch_size), "--lr", str(opts.lr), "--max-len", "48",
                 "--rank", str(opts.rank), "--ffa", "--target-modules", ",".join(TARGET_MODULES),
-                "--dataset-id", "train", "--state-dir", str(run.root / "state")]
+                "--dataset-id", DATASET_ID, "--state-dir", str(run.root / "state")]
         log = res.run_dir / "logs" / f"{run.site.client_id}-local.log"
         procs.append((run, log, Child.start(f"{run.site.client_id} train-local", args, log,
                                             env={"OMP_NUM_THREADS": "1"})))
