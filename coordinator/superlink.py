@@ -235,6 +235,11 @@ def register_supernode(public_key: Path, *, flwr_home: Path, connection: str, cw
     return int(_flwr(["supernode", "register", str(public_key), connection], flwr_home, cwd)["node-id"])
 
 
+def unregister_supernode(node_id: int, *, flwr_home: Path, connection: str, cwd: Path) -> None:
+    """Unregister a SuperNode: its key can no longer connect (and, in Flower, never be registered again)."""
+    _flwr(["supernode", "unregister", str(node_id), connection], flwr_home, cwd)
+
+
 def list_supernodes(*, flwr_home: Path, connection: str, cwd: Path) -> list[dict]:
     """The SuperLink's SuperNodes as ``flwr supernode list`` reports them (node id, status, ...)."""
     return list(_flwr(["supernode", "list", connection], flwr_home, cwd).get("nodes", []))

@@ -52,12 +52,12 @@ from fedtune.coordinator.rounds import CoordinatorContext
 from fedtune.coordinator.store import Client, Job, append_audit_event, utc_now
 from fedtune.coordinator.store.models import RetiredFlowerNode
 from fedtune.coordinator.superlink import (
-    _flwr,
     list_supernodes,
     register_supernode,
     run_status,
     start_run,
     stop_run,
+    unregister_supernode,
 )
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,7 @@ class FlowerRuns:
         return node_id
 
     def unregister_node(self, node_id: int) -> None:
-        # superlink.py has register/list but no unregister wrapper yet: the same `flwr ... --format json` call
-        _flwr(["supernode", "unregister", str(node_id), self.connection], self.flwr_home, self.app_dir.parent)
+        unregister_supernode(node_id, flwr_home=self.flwr_home, connection=self.connection, cwd=self.app_dir.parent)
 
     def node_status(self, node_id: int) -> str | None:
         """``registered``, ``online``, ``offline`` or ``unregistered``; None if the SuperLink does not know it."""
