@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/round.py [--rounds 2] [--presets tiny,small] [--keep DIR]
 
 1. Seconds per round on Flower's deployment engine (a SuperLink, 3 SuperNodes and 3 agent daemons
-   as real processes on 127.0.0.1, the harness of tests/e2e/federation.py; tiny int4 base, DP on),
+   as real processes on 127.0.0.1, the harness of tests/support/fedtune_testing/federation.py; tiny int4 base, DP on),
    one FFA-LoRA job and one plain-LoRA job, split into
    * client training: the agents' reported ``train_seconds`` (slowest client: the round waits for it);
    * Flower transport + processes: the round's wall time minus that and the coordinator's work, i.e.
@@ -31,10 +31,11 @@ from pathlib import Path
 
 from fedtune.coordinator.superlink import run_info
 
-# The federation harness is shared with the e2e tests (tests/e2e/federation.py).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The federation harness is shared with the e2e tests: tests/support/fedtune_testing (a uniquely named
+# package; never the repository root, whose folders would shadow installed packages).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
-from tests.e2e.federation import CLIENTS, CONNECTION, Federation, make_int4_base
+from fedtune_testing.federation import CLIENTS, CONNECTION, Federation, make_int4_base
 
 LORA = {"rank": 8, "target_modules": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]}
 TRAIN = {"batch_size": 4, "physical_batch_size": 4, "steps": 3, "max_len": 32, "lr": 0.01}

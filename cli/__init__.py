@@ -1,5 +1,9 @@
 """The `fedtune` command: the composition root that puts every part's sub-commands together."""
 
+if __name__ != "fedtune.cli":  # imported by a top-level name: the repository root is on sys.path
+    raise ModuleNotFoundError(f"No module named {__name__!r}: this folder is fedtune.cli; import that "
+                              "(the repository root on sys.path would shadow installed packages)", name=__name__)
+
 import typer
 
 from fedtune.cli.demo import demo

@@ -1,5 +1,9 @@
 """The base model: a DeepSeek-V2/V3-family MoE causal LM, checkpoint import and quantization."""
 
+if __name__ != "fedtune.model":  # imported by a top-level name: the repository root is on sys.path
+    raise ModuleNotFoundError(f"No module named {__name__!r}: this folder is fedtune.model; import that "
+                              "(the repository root on sys.path would shadow installed packages)", name=__name__)
+
 from fedtune.model.checkpoint import load_pretrained, save_pretrained
 from fedtune.model.config import ConfigError, ModelConfig
 from fedtune.model.convert import convert_checkpoint

@@ -11,7 +11,7 @@ from fedtune.coordinator.encryption import generate_blob_key
 from fedtune.coordinator.jobs import BaseCatalog
 from fedtune.coordinator.rounds import CoordinatorContext
 from fedtune.coordinator.store import create_session_factory
-from tests.coordinator.api_support import ROLES
+from fedtune_testing.api import ROLES
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from fedtune.coordinator.rounds import registered_clients
 from fedtune.coordinator.store import AdapterVersion, AuditEvent, Client, Job
 from fedtune.coordinator.store.models import RetiredFlowerNode
 from fedtune.coordinator.validation import Accepted, Rejected, RejectReason, RoundExpectation, validate_reply
-from tests.coordinator.api_support import ROLES, auth, register
+from fedtune_testing.api import ROLES, auth, register
 
 # The expected authorization of every endpoint, written from the role model (not from
 # the code's table): "O" operator, "A" auditor; admin may do everything.

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from fedtune.coordinator.api import ApiSettings, create_app
-from tests.coordinator.api_support import auth, register
+from fedtune_testing.api import auth, register
 
 pytestmark = pytest.mark.slow
 

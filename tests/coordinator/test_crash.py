@@ -1,6 +1,6 @@
 """kill -9 of the coordinator at each failpoint of a round's commit path, on SQLite and PostgreSQL.
 
-A child process runs :func:`run_job` with the in-memory transport of ``test_rounds.py`` (real
+A child process runs :func:`run_job` with the in-memory transport of ``fedtune_testing.rounds`` (real
 Ed25519 signatures, real tensors) and ``FEDTUNE_FAILPOINT`` set, so it SIGKILLs itself at that
 point of round 2. The store must then be exactly the round's before-state or its after-state; a
 second child without the failpoint (the restart) deletes the orphan blob, if any, and finishes the
@@ -23,16 +23,19 @@ from sqlalchemy import select
 from fedtune.compliance.signing import save_private_key
 from fedtune.coordinator.rounds import FAILPOINT_ENV, mark_job_running, read_adapter_version, run_round
 from fedtune.coordinator.store import AdapterVersion, AuditEvent, Job, PrivacyLedgerEntry, Round, Update
-from tests.coordinator import test_rounds
-from tests.coordinator.test_rounds import CLIENTS, KEYS, FakeTransport
+from fedtune_testing.rounds import CLIENTS, KEYS, FakeTransport, round_context
 
 pytestmark = pytest.mark.slow
-ctx = test_rounds.ctx  # the fixture: clients, job-1 (2 rounds) and its version 0
+
+
+@pytest.fixture
+def ctx(engine, tmp_path):
+    return round_context(engine, tmp_path / "blobs")
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = "job-1"
 
-# The coordinator process: the agents' keys come from files (test_rounds generates fresh ones on import).
+# The coordinator process: the agents' keys come from files (fedtune_testing.rounds makes fresh ones on import).
 CHILD = """
 import sys
 from pathlib import Path
@@ -41,13 +44,13 @@ from fedtune.compliance.signing import load_private_key
 from fedtune.coordinator.encryption import load_blob_key
 from fedtune.coordinator.rounds import CoordinatorContext, run_job
 from fedtune.coordinator.store import create_session_factory, create_store_engine
-from tests.coordinator import test_rounds
+from fedtune_testing import rounds
 
 url, blob_dir, key_dir, job_id = sys.argv[1:5]
-test_rounds.KEYS.update({c: load_private_key(Path(key_dir) / c) for c in test_rounds.CLIENTS})
+rounds.KEYS.update({c: load_private_key(Path(key_dir) / c) for c in rounds.CLIENTS})
 ctx = CoordinatorContext(sessions=create_session_factory(create_store_engine(url), immediate=True),
                          blob_dir=Path(blob_dir), blob_key=load_blob_key())
-results = run_job(ctx, job_id, test_rounds.FakeTransport())
+results = run_job(ctx, job_id, rounds.FakeTransport())
 print("versions", [r.version for r in results])
 """
 
@@ -64,7 +67,8 @@ def _run_coordinator(ctx, url: str, key_dir: Path, failpoint: str | None) -> sub
     env["FEDTUNE_BLOB_KEY"] = base64.b64encode(ctx.blob_key.key).decode()
     if failpoint:
         env[FAILPOINT_ENV] = failpoint
-    return subprocess.run([sys.executable, "-c", CHILD, url, str(ctx.blob_dir), str(key_dir), JOB], cwd=REPO,
+    env["PYTHONPATH"] = str(REPO / "tests" / "support")  # fedtune_testing; -P keeps the cwd off sys.path
+    return subprocess.run([sys.executable, "-P", "-c", CHILD, url, str(ctx.blob_dir), str(key_dir), JOB], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
 
 

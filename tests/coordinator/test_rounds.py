@@ -12,14 +12,9 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from fedtune.compliance.signing import encode_public_key, generate_signing_key
-from fedtune.compliance.wire import TrainInstruction, sign_train_reply
 from fedtune.coordinator import rounds
-from fedtune.coordinator.encryption import generate_blob_key
 from fedtune.coordinator.rounds import (
-    CoordinatorContext,
     collect_orphan_blobs,
-    create_initial_version,
     read_adapter_version,
     run_job,
     run_round,
@@ -28,70 +23,18 @@ from fedtune.coordinator.rounds import (
 from fedtune.coordinator.store import (
     AdapterVersion,
     AuditEvent,
-    Client,
     Job,
     PrivacyLedgerEntry,
     Round,
     Update,
-    create_session_factory,
 )
 from fedtune.coordinator.validation import Rejected, RejectReason
-
-CLIENTS = ("bank-a", "bank-b", "hospital-c")
-KEYS = {c: generate_signing_key() for c in (*CLIENTS, "revoked-d", "stranger")}
-B0 = {"layers.0.q.lora_B.weight": torch.zeros(4, 2), "layers.1.q.lora_B.weight": torch.zeros(4, 2)}
-JOB_CONFIG = {"rounds": 2, "min_clients": 2, "clients": [*CLIENTS, "revoked-d"], "aggregation": {"method": "ffa"},
-              "norm_bound": 1.0, "round_timeout_s": 5,
-              "train": {"privacy": {"target_epsilon": 4.0, "delta": 1e-5}, "lora": {"ffa": True, "rank": 2}}}
-
-
-def _delta(client: str) -> float:
-    return {"bank-a": 0.01, "bank-b": 0.02, "hospital-c": 0.03}.get(client, 0.01)
-
-
-def honest_reply(instruction: TrainInstruction, client: str, **overrides):
-    tensors = overrides.pop("tensors", None)
-    if tensors is None:
-        tensors = {n: t + _delta(client) for n, t in instruction.adapter.items()}
-    args = dict(loss=1.0, records=100 * (CLIENTS.index(client) + 1) if client in CLIENTS else 50,
-                epsilon=2.0, delta=1e-5)
-    args.update(overrides)
-    key = args.pop("key", KEYS[client])
-    reply = sign_train_reply(instruction, client_id=client, tensors=tensors, private_key=key, **args)
-    return replace(reply, metrics={**reply.metrics, "sample_rate": 0.1, "noise_multiplier": 1.1, "steps": 5})
-
-
-class FakeTransport:
-    """Agents as functions: ``behaviour[client](instruction) -> list of replies``."""
-
-    def __init__(self, clients=CLIENTS, behaviour=None):
-        self.clients = set(clients)
-        self.behaviour = behaviour or {}
-        self.instructions: list[TrainInstruction] = []
-
-    def connected_clients(self):
-        return set(self.clients)
-
-    def train(self, instruction, client_ids, timeout_s):
-        self.instructions.append(instruction)
-        replies = []
-        for client in client_ids:
-            fn = self.behaviour.get(client, lambda ins, c=client: [honest_reply(ins, c)])
-            replies.extend(fn(instruction))
-        return replies
+from fedtune_testing.rounds import B0, CLIENTS, KEYS, FakeTransport, honest_reply, round_context
 
 
 @pytest.fixture
 def ctx(engine, tmp_path):
-    sessions = create_session_factory(engine, immediate=True)
-    with sessions.begin() as s:
-        for c in (*CLIENTS, "revoked-d"):
-            s.add(Client(id=c, org=c.split("-")[0], name=c, public_key=encode_public_key(KEYS[c]),
-                         status="revoked" if c == "revoked-d" else "active"))
-        s.add(Job(id="job-1", base_digest="sha256:base", config=JOB_CONFIG))
-    context = CoordinatorContext(sessions=sessions, blob_dir=tmp_path / "blobs", blob_key=generate_blob_key())
-    create_initial_version(context, "job-1", B0)
-    return context
+    return round_context(engine, tmp_path / "blobs")
 
 
 def _count(ctx, model, *where):

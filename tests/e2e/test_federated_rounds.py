@@ -19,7 +19,7 @@ from sqlalchemy import select
 from fedtune.client_agent.ledger import PrivacyLedger
 from fedtune.coordinator.rounds import read_adapter_version
 from fedtune.coordinator.store import AdapterVersion, AuditEvent, Job, PrivacyLedgerEntry, Round
-from tests.e2e.federation import CLIENTS, Federation, make_int4_base
+from fedtune_testing.federation import CLIENTS, Federation, make_int4_base
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

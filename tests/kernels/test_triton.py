@@ -208,7 +208,8 @@ def test_parity_moe_fused_gate_up_views_and_no_tokens():
 @pytest.mark.skipif(INTERPRET, reason="this is the interpreter run")
 def test_kernels_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-k", "parity", "-q",
+    # -P: `-m` would otherwise put the repository root (the cwd) on sys.path
+    cmd = [sys.executable, "-P", "-m", "pytest", str(Path(__file__).resolve()), "-k", "parity", "-q",
            "-p", "no:cacheprovider"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
@@ -290,7 +291,7 @@ def test_module_imports_and_refuses_cleanly_without_triton():
         "except RuntimeError as e:\n"
         "    print(e)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-P", "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "`triton` package" in result.stdout

@@ -1,4 +1,4 @@
-"""Helpers for the admin-API tests (the fixtures are in conftest.py)."""
+"""Helpers for the admin-API tests (the fixtures are in tests/coordinator/conftest.py)."""
 
 from __future__ import annotations
 
