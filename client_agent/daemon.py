@@ -13,9 +13,12 @@ Both need ``Authorization: Bearer <token>``; the random token and the URL are in
 node-config value: the token never appears on a command line.
 
 Per train message: check the protocol and base digest, read the job's config (DP must be on), plan
-the privacy spend, reserve it in the local ledger (refuse if it would pass the lifetime budget),
-train with :func:`~fedtune.client_agent.training.train_dp_lora`, settle, sign. What leaves: the
-adapter tensors (B only in FFA), records count, epsilon/delta and the DP plan's (q, sigma, steps).
+the round's privacy spend (the job's ``target_epsilon`` is what all its ``rounds`` spend together:
+:func:`~fedtune.client_agent.privacy.plan_job_round` calibrates this round's noise against the job's
+earlier rounds in the ledger), reserve it in the local ledger (refuse if the composed history would
+pass the lifetime budget), train with :func:`~fedtune.client_agent.training.train_dp_lora`, settle,
+sign. What leaves: the adapter tensors (B only in FFA), and signed: records count, epsilon/delta,
+the round's mechanism (q, sigma, steps, accountant) and every earlier attempt of this job.
 The per-step loss curve is computed from the raw records without DP, so it never leaves the
 agent: the reply's loss metric is always 0.0 (held-out evaluation belongs to the coordinator).
 """
@@ -44,8 +47,8 @@ from fedtune.client_agent.data import Record, data_digest, load_records
 from fedtune.client_agent.flower_app import recorddict_from_bytes, recorddict_to_bytes
 from fedtune.client_agent.ledger import LEDGER_FILE, BudgetExceeded, PlannedRun, PrivacyLedger
 from fedtune.client_agent.lora import LoraSettings
-from fedtune.client_agent.privacy import PrivacyConfig
-from fedtune.client_agent.training import TrainConfig, plan_training, train_dp_lora
+from fedtune.client_agent.privacy import JobBudgetExhausted, PrivacyConfig, plan_job_round
+from fedtune.client_agent.training import TrainConfig, train_dp_lora
 from fedtune.compliance.signing import load_private_key
 from fedtune.compliance.wire import (
     PROTOCOL_VERSION,
@@ -122,13 +125,16 @@ class Agent:
         return sign_refusal(ins, client_id=self.settings.client_id, reason_code=reason, message=message,
                             private_key=self.key)
 
-    def _configs(self, config: dict[str, Any]) -> tuple[LoraSettings, TrainConfig, PrivacyConfig]:
+    def _configs(self, config: dict[str, Any]) -> tuple[LoraSettings, TrainConfig, PrivacyConfig, int]:
         lora = LoraSettings.from_json(dict(config.get("lora", {})))
         train = TrainConfig(**{**config.get("train", {}), "device": self.settings.device})
         privacy = PrivacyConfig(**config.get("privacy", {}))
         if not privacy.enabled:
             raise ValueError("the job asks to train without differential privacy; this agent only trains with DP")
-        return lora, train, privacy
+        rounds = config.get("rounds", 1)
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"the job's rounds must be a positive integer, got {rounds!r}")
+        return lora, train, privacy, rounds
 
     def train(self, ins: TrainInstruction) -> TrainReply | Refusal:
         """Answer one train instruction: a signed reply, or a signed refusal that says why."""
@@ -139,15 +145,23 @@ class Agent:
         if ins.base_digest != self.base_digest:
             return self._refuse(ins, RefusalReason.BASE_DIGEST_MISMATCH,
                                 f"the job's base is {ins.base_digest}, this agent's base is {self.base_digest}")
+        dataset = self.settings.dataset_id
         try:
-            lora, train_cfg, privacy_cfg = self._configs(ins.config)
-            plan = plan_training(len(self.records), train_cfg, privacy_cfg)
+            lora, train_cfg, privacy_cfg, job_rounds = self._configs(ins.config)
+            plan = plan_job_round(privacy_cfg, sample_rate=train_cfg.sample_rate(len(self.records)),
+                                  steps=train_cfg.planned_steps(len(self.records)),
+                                  history=self.ledger.job_history(dataset, ins.job_id),
+                                  rounds_left=max(1, job_rounds - ins.round + 1))
+            privacy_cfg = dataclasses.replace(privacy_cfg, noise_multiplier=plan.noise_multiplier)
+        except JobBudgetExhausted as e:
+            return self._refuse(ins, RefusalReason.BUDGET_EXHAUSTED, str(e))
         except (TypeError, ValueError) as e:  # PrivacyError, LoraError are ValueErrors
             return self._refuse(ins, RefusalReason.INVALID_CONFIG, str(e))
         planned = PlannedRun(epsilon=plan.epsilon, delta=plan.delta, sample_rate=plan.sample_rate,
                              noise_multiplier=plan.noise_multiplier, steps=plan.steps, accountant=plan.accountant)
+        earlier = self.ledger.attempts(dataset, ins.job_id)  # reported, signed, with this round's reply
         try:
-            run_id = self.ledger.reserve(self.settings.dataset_id, self.data_digest, ins.job_id, planned, ins.round)
+            run_id = self.ledger.reserve(dataset, self.data_digest, ins.job_id, planned, ins.round, nonce=ins.nonce)
         except BudgetExceeded as e:
             return self._refuse(ins, RefusalReason.BUDGET_EXHAUSTED, str(e))
         t = time.perf_counter()
@@ -164,12 +178,12 @@ class Agent:
         loss = 0.0  # the training loss is not differentially private: it stays on the agent
         reply = sign_train_reply(ins, client_id=self.settings.client_id, tensors=state, loss=loss,
                                  records=len(self.records), epsilon=report.epsilon, delta=report.delta,
+                                 sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier,
+                                 steps=plan.steps, accountant=plan.accountant, attempts=earlier,
                                  private_key=self.key)
         self.last_timing = TrainTiming({"train_s": train_s})
-        # Unsigned extras for the coordinator's ledger and the benchmark (all DP-safe figures of the plan).
-        extras = {"sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier, "steps": plan.steps,
-                  "train_seconds": train_s}
-        return dataclasses.replace(reply, metrics={**reply.metrics, **extras})
+        # For the benchmark: the round's wall time (unsigned; nothing privacy-relevant).
+        return dataclasses.replace(reply, metrics={**reply.metrics, "train_seconds": train_s})
 
     def train_bytes(self, body: bytes) -> bytes:
         """The HTTP call: RecordDict bytes in, RecordDict bytes out.

@@ -3,7 +3,9 @@
 Accounting goes through Opacus' accountants (RDP by default, PRV selectable): `calibrate_noise`
 finds the noise multiplier for a target epsilon, `epsilon_for` says what (q, sigma, steps) spends,
 and `plan_privacy` fixes both before a run, so that a lifetime budget can be checked before any
-record is touched (docs/dp_lora.md).
+record is touched (docs/dp_lora.md). A federated job's `target_epsilon` is what its rounds spend
+together: `plan_job_round` calibrates each round's noise against the job's earlier rounds
+(composed exactly, `fedtune.compliance.accounting`) and the rounds still to come.
 
 The randomness of DP-SGD (which records a Poisson batch holds, the Gaussian noise) must be secret:
 it is never drawn from the job's seed. `SecureRandom` reads the OS CSPRNG (what Opacus'
@@ -18,7 +20,7 @@ import dataclasses
 import math
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,12 +32,18 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import Sampler
 
+from fedtune.compliance.accounting import AccountingError, Mechanism, calibrate_composed_noise, composed_epsilon
+
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 
 
 class PrivacyError(ValueError):
     """A privacy configuration or plan that cannot be honoured; the message has the numbers."""
+
+
+class JobBudgetExhausted(PrivacyError):
+    """A job's earlier rounds on this dataset already spend the job's whole target epsilon."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,50 @@ def plan_privacy(config: PrivacyConfig, *, sample_rate: float, steps: int) -> Pr
     return PrivacyPlan(sample_rate=sample_rate, steps=steps, noise_multiplier=sigma, epsilon=epsilon,
                        delta=config.delta, accountant=config.accountant, max_grad_norm=config.max_grad_norm,
                        target_epsilon=config.target_epsilon)
+
+
+def plan_job_round(config: PrivacyConfig, *, sample_rate: float, steps: int, history: Sequence[Mechanism],
+                   rounds_left: int) -> PrivacyPlan:
+    """One round of a federated job whose rounds together may spend ``config.target_epsilon``.
+
+    The noise multiplier is the smallest with which the job's earlier rounds on this dataset
+    (``history``), this round and the ``rounds_left - 1`` rounds after it, each ``steps`` steps at
+    ``sample_rate``, compose to at most the target (at ``config.delta``). Without retries every round
+    gets the same sigma as one run of all the job's steps would; a round retried after a crash is in
+    the history, so the rounds after it get a little more noise and the job still meets its target.
+    ``config.noise_multiplier``, when set, is used as it is and refused if the job would pass the target.
+
+    Returns:
+        The round's plan: its own epsilon (one round alone) and the noise multiplier to train with
+        (pass ``dataclasses.replace(config, noise_multiplier=plan.noise_multiplier)`` to training).
+    Raises:
+        PrivacyError: the history already spends the target, or the noise cannot reach it.
+    """
+    if rounds_left < 1:
+        raise PrivacyError(f"rounds_left must be >= 1, got {rounds_left}")
+    if not 0 < sample_rate <= 1:
+        raise PrivacyError(f"sample rate must be in (0, 1], got {sample_rate}")
+    if steps < 1:
+        raise PrivacyError(f"a run needs at least one step, got {steps}")
+    spent = composed_epsilon(history, config.delta, config.accountant)
+    if spent >= config.target_epsilon - 1e-9:
+        raise JobBudgetExhausted(f"the job's {len(history)} earlier runs on this dataset already spend epsilon="
+                                 f"{spent:.4f} at delta={config.delta:g}, its whole target {config.target_epsilon}")
+    sigma = config.noise_multiplier
+    try:
+        if sigma is None:
+            sigma = calibrate_composed_noise(history, sample_rate=sample_rate, steps=steps * rounds_left,
+                                             epsilon=config.target_epsilon, delta=config.delta,
+                                             accountant=config.accountant)
+        job_epsilon = composed_epsilon([*history, Mechanism(sample_rate, sigma, steps)], config.delta,
+                                       config.accountant)
+    except AccountingError as e:
+        raise PrivacyError(f"the job's rounds cannot stay within epsilon={config.target_epsilon}: {e}") from e
+    if job_epsilon > config.target_epsilon + 1e-9:
+        raise PrivacyError(f"this round would bring the job's composed spend on this dataset to epsilon="
+                           f"{job_epsilon:.4f} ({len(history)} earlier runs), past the job's target "
+                           f"{config.target_epsilon}")
+    return plan_privacy(dataclasses.replace(config, noise_multiplier=sigma), sample_rate=sample_rate, steps=steps)
 
 
 # ---------------------------------------------------------------------------------------------

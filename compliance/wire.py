@@ -1,4 +1,4 @@
-"""The wire protocol between coordinator and client agents, version 1.
+"""The wire protocol between coordinator and client agents, version 2.
 
 One module, imported by both sides (neither imports the other): the messages, the canonical
 tensor digest, the signed receipt, and their mapping onto Flower's ``RecordDict``.
@@ -8,6 +8,11 @@ Messages
     32-byte nonce, the base-model digest and the job's training config (a JSON-able dict).
   * :class:`TrainReply` (agent -> coordinator): the trained adapter tensors (B only in FFA
     mode), metrics ``{loss, records}`` and a :class:`Receipt` signed with the agent's Ed25519 key.
+    The receipt signs what the round spent: (epsilon, delta), the DP-SGD mechanism (sample rate,
+    noise multiplier, steps, accountant) and the record count (the aggregation weight), plus every
+    earlier attempt of this client on this job (:class:`Attempt`, from the agent's ledger), so that
+    a round lost to a crash is reported, signed, by the next reply: the coordinator's privacy
+    ledger is built from signed values only and never undercounts.
   * :class:`Refusal` (agent -> coordinator): the agent did not train, with a reason code; signed
     the same way, so a recorded refusal is attributable.
 
@@ -17,6 +22,9 @@ so both sides agree whatever safetensors writer produced the file.
 
 Signed bytes are a domain-separated, length-prefixed binary encoding (see
 :meth:`Receipt.signed_bytes`): no JSON float formatting, no ambiguity between fields.
+
+Versions: 1 signed (epsilon, delta, records) only; its (q, sigma, steps) travelled unsigned. A peer
+of another version is refused with :class:`ProtocolVersionError` naming both versions.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from fedtune.compliance.signing import sign_message, verify_signature
 if TYPE_CHECKING:
     from flwr.app import RecordDict
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 NONCE_BYTES = 32
 
 # RecordDict keys and the stype of the single Array holding the safetensors bytes.
@@ -54,6 +62,8 @@ SAFETENSORS_STYPE = "safetensors"
 _RECEIPT_DOMAIN = b"fedtune.receipt\x00"
 _REFUSAL_DOMAIN = b"fedtune.refusal\x00"
 _TENSORS_DOMAIN = b"fedtune.tensors\x00"
+ACCOUNTANTS = ("rdp", "prv")
+MAX_ATTEMPTS = 10_000  # earlier attempts one receipt may carry (a job's rounds and their retries)
 
 # The safetensors names of the dtypes an adapter may carry; the digest hashes these names.
 _DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -203,11 +213,56 @@ class TrainInstruction:
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """One training attempt of a client on a job, as its ledger recorded it: the round and nonce it
+    answered and the mechanism it ran (what the coordinator's ledger composes)."""
+
+    round: int
+    nonce: bytes
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+    accountant: str
+    delta: float
+
+    def signed_bytes(self) -> bytes:
+        return b"".join([_pack_uint(self.round), _pack_bytes(self.nonce), struct.pack(">d", self.sample_rate),
+                         struct.pack(">d", self.noise_multiplier), _pack_uint(self.steps), _pack_str(self.accountant),
+                         struct.pack(">d", self.delta)])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"round": self.round, "nonce": self.nonce.hex(), "sample_rate": self.sample_rate,
+                "noise_multiplier": self.noise_multiplier, "steps": self.steps, "accountant": self.accountant,
+                "delta": self.delta}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Attempt:
+        """Raises WireError naming the field that is missing or of the wrong type."""
+        if not isinstance(data, dict):
+            raise WireError(f"an attempt must be a JSON object, got {type(data).__name__}")
+        kinds = {"round": int, "nonce": str, "sample_rate": (int, float), "noise_multiplier": (int, float),
+                 "steps": int, "accountant": str, "delta": (int, float)}
+        for key, kind in kinds.items():
+            value = data.get(key)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise WireError(f"attempt field {key!r} is {type(value).__name__}, expected {kind}")
+        try:
+            nonce = bytes.fromhex(data["nonce"])
+        except ValueError as e:
+            raise WireError(f"attempt nonce is not hex: {e}") from e
+        return cls(round=data["round"], nonce=nonce, sample_rate=float(data["sample_rate"]),
+                   noise_multiplier=float(data["noise_multiplier"]), steps=data["steps"],
+                   accountant=data["accountant"], delta=float(data["delta"]))
+
+
+@dataclass(frozen=True)
 class Receipt:
     """What an agent signs for one round's update.
 
     ``records`` (the aggregation weight the agent claims) is signed too, so a weight cannot be
-    changed in transit and an inflated one is attributable.
+    changed in transit and an inflated one is attributable. So is the mechanism the round ran
+    (``sample_rate``, ``noise_multiplier``, ``steps``, ``accountant``: what the privacy ledgers
+    compose) and the client's earlier ``attempts`` on this job.
     """
 
     job_id: str
@@ -219,6 +274,11 @@ class Receipt:
     delta: float
     base_digest: str
     records: int
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+    accountant: str
+    attempts: tuple[Attempt, ...] = ()
     signature: bytes = field(default=b"", repr=False)
     protocol_version: int = PROTOCOL_VERSION
 
@@ -226,10 +286,14 @@ class Receipt:
         """The canonical byte string the signature covers.
 
         ``"fedtune.receipt\\0"``, then the protocol version (u32), job id, round (u64), nonce,
-        client id, tensors digest, epsilon and delta (IEEE-754 binary64), base digest and
-        records (u64); strings UTF-8 and byte strings each prefixed by their length (u32),
-        integers and floats big-endian.
+        client id, tensors digest, epsilon and delta (IEEE-754 binary64), base digest, records
+        (u64), sample rate and noise multiplier (binary64), steps (u64), accountant, and the number
+        of earlier attempts (u32) followed by each attempt (round, nonce, sample rate, noise
+        multiplier, steps, accountant, delta); strings UTF-8 and byte strings each prefixed by their
+        length (u32), integers and floats big-endian.
         """
+        if len(self.attempts) > MAX_ATTEMPTS:
+            raise WireError(f"{len(self.attempts)} attempts in one receipt; at most {MAX_ATTEMPTS}")
         return b"".join([
             _RECEIPT_DOMAIN,
             struct.pack(">I", self.protocol_version),
@@ -242,6 +306,12 @@ class Receipt:
             struct.pack(">d", self.delta),
             _pack_str(self.base_digest),
             _pack_uint(self.records),
+            struct.pack(">d", self.sample_rate),
+            struct.pack(">d", self.noise_multiplier),
+            _pack_uint(self.steps),
+            _pack_str(self.accountant),
+            struct.pack(">I", len(self.attempts)),
+            *(a.signed_bytes() for a in self.attempts),
         ])
 
     def verify(self, public_key: Ed25519PublicKey) -> bool:
@@ -251,6 +321,13 @@ class Receipt:
         except (WireError, struct.error):
             return False
         return verify_signature(public_key, message, self.signature)
+
+    @property
+    def attempt(self) -> Attempt:
+        """This round's own attempt, in the form earlier ones are reported."""
+        return Attempt(round=self.round, nonce=self.nonce, sample_rate=self.sample_rate,
+                       noise_multiplier=self.noise_multiplier, steps=self.steps, accountant=self.accountant,
+                       delta=self.delta)
 
 
 @dataclass(frozen=True)
@@ -323,7 +400,12 @@ def sign_train_reply(
     records: int,
     epsilon: float,
     delta: float,
+    sample_rate: float,
+    noise_multiplier: float,
+    steps: int,
+    accountant: str,
     private_key: Ed25519PrivateKey,
+    attempts: tuple[Attempt, ...] = (),
 ) -> TrainReply:
     """The agent's reply to ``instruction``: tensors, metrics and a receipt signed with ``private_key``.
 
@@ -334,13 +416,18 @@ def sign_train_reply(
         loss: mean training loss of the round (a metric, not signed).
         records: number of local records trained on (the aggregation weight; signed).
         epsilon, delta: privacy spent by this round's training (signed).
+        sample_rate, noise_multiplier, steps, accountant: the DP-SGD mechanism the round ran (signed:
+            the privacy ledgers compose these).
         private_key: the agent's Ed25519 key, whose public half the coordinator registered.
+        attempts: this client's earlier attempts on the job, from its ledger (signed).
     """
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     receipt = Receipt(
         job_id=instruction.job_id, round=instruction.round, nonce=instruction.nonce, client_id=client_id,
         tensors_digest=tensors_digest(tensors), epsilon=float(epsilon), delta=float(delta),
-        base_digest=instruction.base_digest, records=int(records),
+        base_digest=instruction.base_digest, records=int(records), sample_rate=float(sample_rate),
+        noise_multiplier=float(noise_multiplier), steps=int(steps), accountant=str(accountant),
+        attempts=tuple(attempts),
     )
     receipt = _replace_signature(receipt, sign_message(private_key, receipt.signed_bytes()))
     return TrainReply(tensors=tensors, metrics={"loss": float(loss), "records": int(records)}, receipt=receipt)
@@ -463,7 +550,11 @@ def reply_to_record_dict(reply: TrainReply | Refusal) -> RecordDict:
         REPLY_KEY: ConfigRecord({
             "protocol_version": r.protocol_version, "job_id": r.job_id, "round": r.round, "nonce": r.nonce,
             "client_id": r.client_id, "tensors_digest": r.tensors_digest, "epsilon": r.epsilon,
-            "delta": r.delta, "base_digest": r.base_digest, "records": r.records, "signature": r.signature,
+            "delta": r.delta, "base_digest": r.base_digest, "records": r.records,
+            "sample_rate": r.sample_rate, "noise_multiplier": r.noise_multiplier, "steps": r.steps,
+            "accountant": r.accountant,
+            "attempts_json": json.dumps([a.to_json() for a in r.attempts], allow_nan=False),
+            "signature": r.signature,
         }),
     })
 
@@ -497,7 +588,12 @@ def reply_from_record_dict(content: RecordDict) -> TrainReply | Refusal:
         nonce=_field(record, "nonce", bytes), client_id=_field(record, "client_id", str),
         tensors_digest=_field(record, "tensors_digest", str), epsilon=float(_field(record, "epsilon", (int, float))),
         delta=float(_field(record, "delta", (int, float))), base_digest=_field(record, "base_digest", str),
-        records=_field(record, "records", int), signature=_field(record, "signature", bytes),
+        records=_field(record, "records", int),
+        sample_rate=float(_field(record, "sample_rate", (int, float))),
+        noise_multiplier=float(_field(record, "noise_multiplier", (int, float))),
+        steps=_field(record, "steps", int), accountant=_field(record, "accountant", str),
+        attempts=_attempts_from_json(_field(record, "attempts_json", str)),
+        signature=_field(record, "signature", bytes),
     )
     metrics_record = _get(content.metric_records, METRICS_KEY, "metric record")
     metrics = {str(k): v for k, v in metrics_record.items()}
@@ -505,3 +601,13 @@ def reply_from_record_dict(content: RecordDict) -> TrainReply | Refusal:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise WireError(f"metric {key!r} is {type(value).__name__}, expected a number")
     return TrainReply(tensors=_tensors_from_record(content), metrics=metrics, receipt=receipt)
+
+
+def _attempts_from_json(text: str) -> tuple[Attempt, ...]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise WireError(f"attempts are not JSON: {e}") from e
+    if not isinstance(items, list) or len(items) > MAX_ATTEMPTS:
+        raise WireError(f"attempts must be a JSON list of at most {MAX_ATTEMPTS} entries")
+    return tuple(Attempt.from_json(item) for item in items)

@@ -7,14 +7,27 @@ One round:
 
 1. read the job, its newest adapter version (decrypted, digest checked) and the registered clients;
 2. select eligible clients: in the job's client list (if any), registered, active, connected, and
-   with record-level budget left when the job sets ``max_client_epsilon``;
-3. send one :class:`~fedtune.compliance.wire.TrainInstruction` (fresh nonce) and collect replies
-   with the job's timeout;
+   with record-level budget left when the job sets ``max_client_epsilon`` (the composed spend of
+   every attempt the client signed for on this job, ``fedtune.compliance.accounting``);
+3. send one :class:`~fedtune.compliance.wire.TrainInstruction` (fresh nonce; the job's training
+   config plus its number of rounds: agents calibrate each round's noise so that all rounds together
+   meet the job's epsilon) and collect replies with the job's timeout;
 4. validate every reply (:func:`fedtune.coordinator.validation.validate_replies`);
 5. quorum (the job's ``min_clients`` accepted updates) or the round fails;
-6. aggregate with the job's strategy (:data:`fedtune.coordinator.aggregation.AGGREGATORS`);
+6. aggregate with the job's strategy (:data:`fedtune.coordinator.aggregation.AGGREGATORS`), each
+   update weighted by its signed record count, capped so that no client's share exceeds
+   ``aggregation.max_weight_multiple`` x an equal share; a server optimizer's state (FedAvgM,
+   FedAdam, FedYogi) is read from the parent version and stored with the new one, so a resumed job
+   continues exactly;
 7. write the new adapter blob (encrypted, fsynced), then ONE transaction: the round row, update
    rows, privacy-ledger rows, the adapter version and the audit events.
+
+Privacy ledger: one record-level row per training attempt a registered client signed for (protocol
+v2 receipts sign the mechanism), whatever became of it: ``committed`` (aggregated), ``rejected``,
+``failed`` (its round failed), or ``reported`` (an earlier attempt a reply lists, e.g. the round a
+crash lost: its agent trained, nothing was committed). One row per (job, client, nonce): a report
+of an attempt already booked adds nothing. Failed rounds write their rows too, so the coordinator
+never counts less than the agents spent.
 
 Crash safety: nothing is written before step 7, and step 7 is one transaction. A crash before
 the commit leaves the before-state (plus, at most, a blob file no row names: an orphan that
@@ -35,7 +48,8 @@ Job config (``jobs.config``, JSON) read here::
      "aggregation": {"method": "ffa", ...},                             # AggregationConfig fields
      "norm_bound": 10.0, "round_timeout_s": 600, "max_failed_rounds": 3,
      "max_client_epsilon": null, "client_level_delta": 1e-5,
-     "train": {"lora": {...}, "train": {...}, "privacy": {...}}}        # sent to agents as is
+     "declared_records": {"bank-a": 512, ...},                          # optional, per client
+     "train": {"lora": {...}, "train": {...}, "privacy": {...}}}        # sent to agents, plus "rounds"
 """
 
 from __future__ import annotations
@@ -57,7 +71,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from fedtune.compliance.accounting import SpendRow, composed_epsilon, total_spend
 from fedtune.compliance.wire import (
+    Attempt,
     Refusal,
     TrainInstruction,
     TrainReply,
@@ -70,6 +86,7 @@ from fedtune.coordinator.aggregation import (
     AggregationError,
     ClientUpdate,
     aggregate,
+    cap_weights,
     client_level_epsilon,
 )
 from fedtune.coordinator.encryption import BlobKey, read_encrypted_blob, write_encrypted_blob
@@ -90,6 +107,8 @@ from fedtune.coordinator.validation import (
     RegisteredClient,
     Rejected,
     RoundExpectation,
+    attempt_mechanism,
+    signed_spend,
     validate_replies,
 )
 
@@ -98,6 +117,8 @@ log = logging.getLogger(__name__)
 ACTOR_TYPE = "coordinator"
 ACTOR_ID = "round-engine"
 BLOB_SUFFIX = ".ftb"
+# Tensors of a version's blob under this prefix are the server optimizer's state, not the adapter.
+SERVER_STATE_PREFIX = "fedtune.server_state/"
 
 Reply = TrainReply | Refusal | Rejected
 FAILPOINT_ENV = "FEDTUNE_FAILPOINT"
@@ -157,12 +178,29 @@ class JobPlan:
     max_client_epsilon: float | None
     client_level_delta: float
     train: dict[str, Any]
+    declared_records: dict[str, int] = field(default_factory=dict)
 
     @property
     def max_epsilon(self) -> float | None:
-        """The per-round epsilon a reply may claim: the job's DP target."""
+        """The most epsilon one round's reply may claim: the job's DP target (all rounds together)."""
         target = self.train.get("privacy", {}).get("target_epsilon")
         return float(target) if target is not None else None
+
+    @property
+    def delta(self) -> float:
+        """The record-level delta the job's spend is composed at (its DP config's)."""
+        return float(self.train.get("privacy", {}).get("delta", 1e-5))
+
+    @property
+    def batch_size(self) -> int | None:
+        """The expected batch size agents sample (sample rate = batch size / records)."""
+        value = self.train.get("train", {}).get("batch_size")
+        return int(value) if value is not None else None
+
+    def instruction_config(self) -> dict[str, Any]:
+        """What agents get: the training config and the job's rounds (their noise is calibrated so
+        that all rounds together spend the job's ``target_epsilon``)."""
+        return {**self.train, "rounds": self.rounds}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> JobPlan:
@@ -178,6 +216,7 @@ class JobPlan:
                 max_client_epsilon=_optional_float(config.get("max_client_epsilon")),
                 client_level_delta=float(config.get("client_level_delta", 1e-5)),
                 train=dict(config.get("train", {})),
+                declared_records={str(k): int(v) for k, v in (config.get("declared_records") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"job config is not usable by the round engine: {e!r}") from e
@@ -235,8 +274,11 @@ def write_adapter_blob(ctx: CoordinatorContext, job_id: str, version: int,
     return name, digest, len(plaintext)
 
 
-def read_adapter_version(ctx: CoordinatorContext, row: AdapterVersion) -> dict[str, torch.Tensor]:
-    """The decrypted tensors of a version; the plaintext digest is checked against the row.
+def read_version_blob(ctx: CoordinatorContext, row: AdapterVersion) -> tuple[dict[str, torch.Tensor],
+                                                                             dict[str, torch.Tensor]]:
+    """The decrypted adapter of a version and the server optimizer state stored with it (names
+    without :data:`SERVER_STATE_PREFIX`; empty for stateless strategies); the plaintext digest is
+    checked against the row.
 
     Raises:
         BlobKeyError, BlobIntegrityError: wrong key, tampered blob or digest mismatch.
@@ -244,7 +286,16 @@ def read_adapter_version(ctx: CoordinatorContext, row: AdapterVersion) -> dict[s
     plaintext = read_encrypted_blob(ctx.blob_dir / row.blob_path, ctx.blob_key,
                                     associated_data=adapter_associated_data(row.job_id, row.version),
                                     expected_digest=row.digest)
-    return decode_tensors(plaintext)
+    tensors = decode_tensors(plaintext)
+    state = {name.removeprefix(SERVER_STATE_PREFIX): t for name, t in tensors.items()
+             if name.startswith(SERVER_STATE_PREFIX)}
+    adapter = {name: t for name, t in tensors.items() if not name.startswith(SERVER_STATE_PREFIX)}
+    return adapter, state
+
+
+def read_adapter_version(ctx: CoordinatorContext, row: AdapterVersion) -> dict[str, torch.Tensor]:
+    """The decrypted adapter tensors of a version (see :func:`read_version_blob`)."""
+    return read_version_blob(ctx, row)[0]
 
 
 def create_initial_version(ctx: CoordinatorContext, job_id: str, tensors: Mapping[str, torch.Tensor], *,
@@ -322,26 +373,42 @@ def registered_clients(s: Session) -> dict[str, RegisteredClient]:
             for c in s.execute(select(Client)).scalars()}
 
 
-def client_epsilon_spent(s: Session, job_id: str) -> dict[str, float]:
-    """Record-level epsilon per client summed over the job's completed rounds (basic composition)."""
-    rows = s.execute(select(PrivacyLedgerEntry.client_id, func.sum(PrivacyLedgerEntry.epsilon))
-                     .where(PrivacyLedgerEntry.job_id == job_id, PrivacyLedgerEntry.kind == "record_level")
-                     .group_by(PrivacyLedgerEntry.client_id)).all()
-    return {client_id: float(eps) for client_id, eps in rows}
+def ledger_spend_row(e: PrivacyLedgerEntry) -> SpendRow:
+    """A ledger row as the accountant sees it: its mechanism when all of it was recorded (signed rows
+    always), else its own (epsilon, delta)."""
+    attempt = Attempt(round=0, nonce=b"", sample_rate=e.sample_rate or 0.0, noise_multiplier=e.noise_multiplier or 0.0,
+                      steps=e.steps or 0, accountant=e.accountant or "", delta=e.delta or 0.0)
+    known = None not in (e.sample_rate, e.noise_multiplier, e.steps, e.accountant)
+    return SpendRow(attempt_mechanism(attempt) if known else None, e.epsilon, e.delta, e.accountant)
+
+
+def composed_client_spend(entries: Iterable[PrivacyLedgerEntry], delta: float) -> float:
+    """Epsilon at ``delta`` of a client's record-level rows composed as one history (every attempt)."""
+    epsilon, _ = total_spend([ledger_spend_row(e) for e in entries], delta)
+    return epsilon
+
+
+def client_epsilon_spent(s: Session, job_id: str, delta: float) -> dict[str, float]:
+    """Record-level epsilon per client over every attempt on the job it signed for, composed at the
+    job's ``delta`` (not a sum of per-round epsilons)."""
+    by_client: dict[str, list[PrivacyLedgerEntry]] = {}
+    for e in s.execute(select(PrivacyLedgerEntry).where(PrivacyLedgerEntry.job_id == job_id,
+                                                        PrivacyLedgerEntry.kind == "record_level")).scalars():
+        by_client.setdefault(e.client_id, []).append(e)
+    return {client_id: composed_client_spend(entries, delta) for client_id, entries in by_client.items()}
 
 
 def eligible_clients(plan: JobPlan, clients: Mapping[str, RegisteredClient], spent: Mapping[str, float]) -> list[str]:
-    """Registered, active, in the job's list (if it has one), with budget left for one more round."""
+    """Registered, active, in the job's list (if it has one), with record-level budget left
+    (composed spend below the job's ``max_client_epsilon``; the agent calibrates the round within it)."""
     wanted = plan.clients if plan.clients is not None else tuple(sorted(clients))
     out = []
     for client_id in wanted:
         client = clients.get(client_id)
         if client is None or client.status != "active":
             continue
-        if plan.max_client_epsilon is not None:
-            planned = plan.max_epsilon or 0.0
-            if spent.get(client_id, 0.0) + planned > plan.max_client_epsilon + 1e-12:
-                continue
+        if plan.max_client_epsilon is not None and spent.get(client_id, 0.0) >= plan.max_client_epsilon - 1e-12:
+            continue
         out.append(client_id)
     return out
 
@@ -358,6 +425,7 @@ class _RoundStart:
     number: int
     parent: AdapterVersion
     current: dict[str, torch.Tensor]
+    server_state: dict[str, torch.Tensor]
     clients: dict[str, RegisteredClient]
     eligible: list[str]
 
@@ -374,10 +442,11 @@ def _load_round_start(ctx: CoordinatorContext, job_id: str) -> _RoundStart:
         if parent is None:
             raise RoundEngineError(f"job {job_id!r} has no adapter version 0; create it with create_initial_version")
         clients = registered_clients(s)
-        eligible = eligible_clients(plan, clients, client_epsilon_spent(s, job_id))
+        eligible = eligible_clients(plan, clients, client_epsilon_spent(s, job_id, plan.delta))
+        current, server_state = read_version_blob(ctx, parent)
         start = _RoundStart(job_id=job_id, plan=plan, base_digest=job.base_digest,
-                            number=_next_round_number(s, job_id), parent=parent,
-                            current=read_adapter_version(ctx, parent), clients=clients, eligible=eligible)
+                            number=_next_round_number(s, job_id), parent=parent, current=current,
+                            server_state=server_state, clients=clients, eligible=eligible)
     return start
 
 
@@ -400,19 +469,21 @@ def run_round(ctx: CoordinatorContext, job_id: str, transport: RoundTransport) -
     if len(result.selected) < plan.min_clients:
         result.failure_reason = "not_enough_clients"
         result.timings["load_s"] = time.perf_counter() - t0
-        _commit_failed(ctx, start, result, nonce, started_at, outcomes=[],
+        _commit_failed(ctx, start, result, nonce, started_at, outcomes=[], spend=[],
                        message=f"{len(result.selected)} eligible and connected clients, the job needs "
                                f"{plan.min_clients}")
         return result
     instruction = TrainInstruction(job_id=job_id, round=start.number, nonce=nonce, base_digest=start.base_digest,
-                                   config=plan.train, adapter=start.current)
+                                   config=plan.instruction_config(), adapter=start.current)
     t1 = time.perf_counter()
     replies = transport.train(instruction, result.selected, plan.round_timeout_s)
     t2 = time.perf_counter()
     _failpoint("round.replies_received")
     expected = RoundExpectation(job_id=job_id, round=start.number, nonce=nonce, base_digest=start.base_digest,
-                                current=start.current, norm_bound=plan.norm_bound, max_epsilon=plan.max_epsilon)
+                                current=start.current, norm_bound=plan.norm_bound, max_epsilon=plan.max_epsilon,
+                                batch_size=plan.batch_size, declared_records=plan.declared_records)
     outcomes = validate_replies(replies, expected=expected, clients=start.clients)
+    spend = _signed_spend(replies, outcomes, start)
     t3 = time.perf_counter()
     _classify(outcomes, result)
     result.missing = [c for c in result.selected if c not in _answered(outcomes)]
@@ -420,19 +491,22 @@ def run_round(ctx: CoordinatorContext, job_id: str, transport: RoundTransport) -
     accepted = [o for o in outcomes if isinstance(o, Accepted)]
     if len(accepted) < plan.min_clients:
         result.failure_reason = "quorum_not_met"
-        _commit_failed(ctx, start, result, nonce, started_at, outcomes,
+        _commit_failed(ctx, start, result, nonce, started_at, outcomes, spend,
                        message=f"{len(accepted)} accepted updates, the job needs {plan.min_clients}")
         return result
     try:
-        aggregated = aggregate((ClientUpdate(a.client_id, a.tensors, float(a.records)) for a in accepted),
-                               current=start.current, config=plan.aggregation)
+        weights = cap_weights({a.client_id: float(a.records) for a in accepted},
+                              plan.aggregation.max_weight_multiple)
+        aggregated = aggregate((ClientUpdate(a.client_id, a.tensors, weights[a.client_id]) for a in accepted),
+                               current=start.current, config=plan.aggregation, server_state=start.server_state)
     except AggregationError as e:
         result.failure_reason = "aggregation_failed"
-        _commit_failed(ctx, start, result, nonce, started_at, outcomes, message=str(e))
+        _commit_failed(ctx, start, result, nonce, started_at, outcomes, spend, message=str(e))
         return result
+    capped = {a.client_id: weights[a.client_id] for a in accepted if weights[a.client_id] < a.records}
     t4 = time.perf_counter()
     result.timings["aggregate_s"] = t4 - t3
-    _commit_completed(ctx, start, result, nonce, started_at, outcomes, accepted, aggregated)
+    _commit_completed(ctx, start, result, nonce, started_at, outcomes, spend, accepted, aggregated, capped)
     result.timings["persist_s"] = time.perf_counter() - t4
     return result
 
@@ -452,6 +526,64 @@ def _classify(outcomes: list[Outcome], result: RoundResult) -> None:
             result.rejected.append((o.client_id, str(o.reason_code)))
 
 
+@dataclass(frozen=True)
+class _SignedAttempt:
+    """An attempt a reply's signature vouches for: the reply's own (with its validation outcome) or
+    an earlier one it reports."""
+
+    client_id: str
+    attempt: Attempt
+    epsilon: float | None  # the signed claim for the reply's own attempt; None for a reported one
+    outcome: Outcome | None  # None for a reported attempt
+
+
+def _signed_spend(replies: list[Reply], outcomes: list[Outcome], start: _RoundStart) -> list[_SignedAttempt]:
+    """Every attempt the round's replies sign for (see :func:`fedtune.coordinator.validation.signed_spend`)."""
+    out = []
+    for reply, outcome in zip(replies, outcomes, strict=True):
+        signed = signed_spend(reply, job_id=start.job_id, clients=start.clients)
+        if signed is None:
+            continue
+        client_id, own, earlier = signed
+        out.append(_SignedAttempt(client_id, own, reply.receipt.epsilon, outcome))
+        out.extend(_SignedAttempt(client_id, a, None, None) for a in earlier)
+    return out
+
+
+def _write_spend(s: Session, start: _RoundStart, rnd: Round, spend: list[_SignedAttempt], round_failed: bool) -> None:
+    """One record-level ledger row per attempt not booked yet (by job, client and nonce)."""
+    clients = sorted({a.client_id for a in spend})
+    booked = set(s.execute(select(PrivacyLedgerEntry.client_id, PrivacyLedgerEntry.nonce).where(
+        PrivacyLedgerEntry.job_id == start.job_id, PrivacyLedgerEntry.kind == "record_level",
+        PrivacyLedgerEntry.client_id.in_(clients), PrivacyLedgerEntry.nonce.is_not(None))).all()) if clients else set()
+    for item in spend:
+        a = item.attempt
+        key = (item.client_id, a.nonce.hex())
+        if key in booked:
+            continue
+        booked.add(key)
+        mechanism = attempt_mechanism(a)
+        if item.outcome is None:
+            status = "reported"
+        elif isinstance(item.outcome, Rejected):
+            status = "rejected"
+        else:
+            status = "failed" if round_failed else "committed"
+        if mechanism is not None:
+            epsilon = item.epsilon if item.epsilon is not None else composed_epsilon([mechanism], a.delta, a.accountant)
+        else:  # a signed reply with no valid mechanism: it counts by its own claim, if that is one
+            epsilon = item.epsilon
+            if epsilon is None or not (math.isfinite(epsilon) and epsilon >= 0 and 0 <= a.delta < 1):
+                continue
+        known = mechanism is not None  # the mechanism columns hold signed values or nothing
+        s.add(PrivacyLedgerEntry(
+            kind="record_level", client_id=item.client_id, job_id=start.job_id, round_id=rnd.id,
+            epsilon=min(epsilon, 1e12) if math.isfinite(epsilon) else 1e12, delta=a.delta, status=status,
+            round_number=a.round, nonce=a.nonce.hex(), sample_rate=a.sample_rate if known else None,
+            noise_multiplier=a.noise_multiplier if known else None, steps=a.steps if known else None,
+            accountant=a.accountant if known else None))
+
+
 def _round_resource(job_id: str, number: int) -> str:
     return f"{job_id}/{number}"
 
@@ -463,8 +595,9 @@ def _audit(s: Session, action: str, resource_type: str, resource_id: str, outcom
 
 
 def _write_round(s: Session, start: _RoundStart, result: RoundResult, nonce: bytes, started_at: datetime,
-                 outcomes: list[Outcome], failure: str | None) -> Round:
-    """The round row, update rows and one audit event per reply (inside the caller's transaction)."""
+                 outcomes: list[Outcome], spend: list[_SignedAttempt], failure: str | None) -> Round:
+    """The round row, update rows, the record-level ledger rows and one audit event per reply
+    (inside the caller's transaction)."""
     job = s.get(Job, start.job_id)
     latest = _latest_version(s, start.job_id)
     if job is None or latest is None or latest.id != start.parent.id:
@@ -477,6 +610,7 @@ def _write_round(s: Session, start: _RoundStart, result: RoundResult, nonce: byt
                 started_at=started_at, finished_at=datetime.now(UTC), failure_reason=failure)
     s.add(rnd)
     s.flush()
+    _write_spend(s, start, rnd, spend, round_failed=failure is not None)
     base = {"job_id": start.job_id, "round": start.number}
     for o in outcomes:
         registered = o.client_id is not None and o.client_id in start.clients
@@ -504,11 +638,12 @@ def _write_round(s: Session, start: _RoundStart, result: RoundResult, nonce: byt
 
 
 def _commit_failed(ctx: CoordinatorContext, start: _RoundStart, result: RoundResult, nonce: bytes,
-                   started_at: datetime, outcomes: list[Outcome], message: str) -> None:
+                   started_at: datetime, outcomes: list[Outcome], spend: list[_SignedAttempt], message: str) -> None:
     result.status = "failed"
     t = time.perf_counter()
     with ctx.sessions.begin() as s:
-        _write_round(s, start, result, nonce, started_at, outcomes, failure=f"{result.failure_reason}: {message}")
+        _write_round(s, start, result, nonce, started_at, outcomes, spend,
+                     failure=f"{result.failure_reason}: {message}")
         _audit(s, "round.failed", "round", _round_resource(start.job_id, start.number), "failure",
                result.failure_reason, job_id=start.job_id, round=start.number, message=message,
                selected=result.selected, accepted=result.accepted, missing=result.missing)
@@ -531,32 +666,30 @@ def _consecutive_failures(s: Session, job_id: str) -> int:
 
 
 def _commit_completed(ctx: CoordinatorContext, start: _RoundStart, result: RoundResult, nonce: bytes,
-                      started_at: datetime, outcomes: list[Outcome], accepted: list[Accepted], aggregated: Any) -> None:
+                      started_at: datetime, outcomes: list[Outcome], spend: list[_SignedAttempt],
+                      accepted: list[Accepted], aggregated: Any, capped: dict[str, float]) -> None:
     plan, job_id = start.plan, start.job_id
     version = start.parent.version + 1
     # The blob goes to disk (fsynced) before the row that names it; a crash in between leaves an orphan.
-    name, digest, size = write_adapter_blob(ctx, job_id, version, aggregated.tensors)
+    # The server optimizer's state travels in the same blob, so version and state commit together.
+    blob = {**aggregated.tensors, **{SERVER_STATE_PREFIX + n: t for n, t in aggregated.server_state.items()}}
+    name, digest, size = write_adapter_blob(ctx, job_id, version, blob)
     _failpoint("round.blob_written")
     result.status = "completed"
     try:
         with ctx.sessions.begin() as s:
-            rnd = _write_round(s, start, result, nonce, started_at, outcomes, failure=None)
+            rnd = _write_round(s, start, result, nonce, started_at, outcomes, spend, failure=None)
             contributors = [{"client_id": a.client_id, "records": a.records, "epsilon": a.epsilon, "delta": a.delta,
                              "digest": a.digest} for a in accepted]
             losses = [(a.metrics.get("loss"), a.records) for a in accepted]
             total = sum(r for _, r in losses)
             metrics = {"clients": len(accepted), "records": total,
                        "loss": sum(float(l) * r for l, r in losses) / total if total else None,
-                       "clipped_clients": list(aggregated.clipped_clients)}
+                       "clipped_clients": list(aggregated.clipped_clients), "weight_capped": capped}
             row = AdapterVersion(job_id=job_id, version=version, round_id=rnd.id, parent_id=start.parent.id,
                                  blob_path=name, digest=digest, size_bytes=size, aggregation=plan.aggregation.method,
                                  contributors=contributors, metrics=metrics)
             s.add(row)
-            for a in accepted:
-                s.add(PrivacyLedgerEntry(
-                    kind="record_level", client_id=a.client_id, job_id=job_id, round_id=rnd.id, epsilon=a.epsilon,
-                    delta=a.delta, sample_rate=_metric(a, "sample_rate"),
-                    noise_multiplier=_metric(a, "noise_multiplier"), steps=_int_metric(a, "steps"), accountant=None))
             if aggregated.noise_multiplier is not None:  # client-level DP (DP-FedAvg) on the coordinator
                 q = len(result.selected) / max(1, len(start.eligible))
                 eps = client_level_epsilon([(aggregated.noise_multiplier, q, 1)], delta=plan.client_level_delta)
@@ -571,7 +704,7 @@ def _commit_completed(ctx: CoordinatorContext, start: _RoundStart, result: Round
             _audit(s, "round.completed", "round", _round_resource(job_id, start.number), "success", job_id=job_id,
                    round=start.number, version=version, selected=result.selected, accepted=result.accepted,
                    rejected=[list(r) for r in result.rejected], refused=[list(r) for r in result.refused],
-                   missing=result.missing)
+                   missing=result.missing, weight_capped=capped)
             if version >= plan.rounds:
                 job = s.get(Job, job_id)
                 job.status, job.finished_at = "completed", datetime.now(UTC)
@@ -586,16 +719,6 @@ def _commit_completed(ctx: CoordinatorContext, start: _RoundStart, result: Round
         raise
     _failpoint("round.committed")
     result.version = version
-
-
-def _metric(a: Accepted, key: str) -> float | None:
-    value = a.metrics.get(key)
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-
-
-def _int_metric(a: Accepted, key: str) -> int | None:
-    value = a.metrics.get(key)
-    return int(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 # ---------------------------------------------------------------------------------------------

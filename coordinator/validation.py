@@ -6,9 +6,14 @@ or :class:`Rejected` with a :class:`RejectReason` code for the audit trail. Chec
 1. protocol version; 2. known client; 3. not revoked; 4. signature with the registered key;
 5. binding to this job, round, nonce and base digest (replays from an earlier round or another
 job fail here: their signatures are valid, their bindings are not); 6. one reply per client;
-7. the signed digest matches the tensors received; 8. privacy claim and metrics well-formed;
-9. tensor names, shapes, dtypes; 10. finite values; 11. update norm ``||new - current||`` within
-the bound.
+7. the signed digest matches the tensors received; 8. privacy claim, signed mechanism and metrics
+well-formed; 9. the signed record count (the aggregation weight) within what the client declared
+for the job, and consistent with the signed sample rate (q = batch size / records); 10. tensor
+names, shapes, dtypes; 11. finite values; 12. update norm ``||new - current||`` within the bound.
+
+:func:`signed_spend` reads what a reply's signature vouches for about privacy spent (this round's
+attempt and the earlier ones it reports), whatever the reply's outcome: the coordinator's ledger
+counts every authenticated attempt, accepted or not.
 
 Signature and binding come before the duplicate check so that a forged or replayed message
 cannot use up a client's one reply of the round: :func:`validate_replies` counts a client as
@@ -26,9 +31,12 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedtune.compliance.accounting import AccountingError, Mechanism
 from fedtune.compliance.signing import KeyFormatError, decode_public_key
 from fedtune.compliance.wire import (
+    ACCOUNTANTS,
     PROTOCOL_VERSION,
+    Attempt,
     ProtocolVersionError,
     Refusal,
     RefusalReason,
@@ -55,6 +63,8 @@ class RejectReason(StrEnum):
     DIGEST_MISMATCH = "digest_mismatch"
     BAD_PRIVACY_CLAIM = "bad_privacy_claim"
     EPSILON_OVER_TARGET = "epsilon_over_target"
+    RECORDS_OVER_DECLARED = "records_over_declared"
+    MECHANISM_MISMATCH = "mechanism_mismatch"
     BAD_METRICS = "bad_metrics"
     WRONG_TENSORS = "wrong_tensors"
     WRONG_SHAPE = "wrong_shape"
@@ -91,6 +101,10 @@ class RoundExpectation:
             measured against the values.
         norm_bound: maximum L2 norm of ``new - current`` over all tensors; None for no bound.
         max_epsilon: maximum epsilon a reply may claim for the round; None for no limit.
+        batch_size: the job's expected batch size: a reply's signed sample rate must be
+            ``batch_size / records`` (None: not checked).
+        declared_records: per client, the dataset size it declared when it enrolled in the job;
+            a reply claiming more records is rejected (a client not listed: not checked).
     """
 
     job_id: str
@@ -100,6 +114,8 @@ class RoundExpectation:
     current: Mapping[str, torch.Tensor] = field(repr=False)
     norm_bound: float | None = None
     max_epsilon: float | None = None
+    batch_size: int | None = None
+    declared_records: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -270,15 +286,30 @@ def _check_update(reply: TrainReply, expected: RoundExpectation) -> Accepted | R
 
 
 def _check_claims(reply: TrainReply, expected: RoundExpectation) -> tuple[RejectReason, str] | None:
-    eps, delta = reply.receipt.epsilon, reply.receipt.delta
+    receipt = reply.receipt
+    eps, delta = receipt.epsilon, receipt.delta
     if not (math.isfinite(eps) and eps >= 0 and math.isfinite(delta) and 0 <= delta < 1):
         return RejectReason.BAD_PRIVACY_CLAIM, f"epsilon={eps}, delta={delta}: need epsilon >= 0 and 0 <= delta < 1"
+    if attempt_mechanism(receipt.attempt) is None:
+        return RejectReason.BAD_PRIVACY_CLAIM, (
+            f"signed mechanism sample_rate={receipt.sample_rate}, noise_multiplier={receipt.noise_multiplier}, "
+            f"steps={receipt.steps}, accountant={receipt.accountant!r}, delta={delta}: need q in (0, 1], sigma > 0, "
+            f"steps >= 1, an accountant of {ACCOUNTANTS} and 0 < delta < 1")
     if expected.max_epsilon is not None and eps > expected.max_epsilon:
         return RejectReason.EPSILON_OVER_TARGET, f"epsilon {eps:.6g} exceeds the round's target {expected.max_epsilon}"
     records, loss = reply.metrics.get("records"), reply.metrics.get("loss")
-    if records != reply.receipt.records or reply.receipt.records < 1:
+    if records != receipt.records or not 1 <= receipt.records <= MAX_COUNT:
         return RejectReason.BAD_METRICS, (f"records: metrics say {records!r}, the signed receipt says "
-                                          f"{reply.receipt.records}; need the same positive count")
+                                          f"{receipt.records}; need the same count, from 1 to {MAX_COUNT}")
+    declared = expected.declared_records.get(reply.client_id)
+    if declared is not None and receipt.records > declared:
+        return RejectReason.RECORDS_OVER_DECLARED, (f"the receipt claims {receipt.records} records, the client "
+                                                    f"declared {declared} for this job")
+    if expected.batch_size is not None and not math.isclose(receipt.sample_rate * receipt.records,
+                                                            expected.batch_size, rel_tol=1e-9):
+        return RejectReason.MECHANISM_MISMATCH, (
+            f"signed sample rate {receipt.sample_rate:.6g} x {receipt.records} records = "
+            f"{receipt.sample_rate * receipt.records:.6g}, the job's batch size is {expected.batch_size}")
     if not isinstance(loss, int | float) or isinstance(loss, bool) or not math.isfinite(loss):
         return RejectReason.BAD_METRICS, f"loss {loss!r} is not a finite number"
     return None
@@ -298,6 +329,42 @@ def _check_tensor_specs(tensors: Mapping[str, torch.Tensor],
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return RejectReason.NON_FINITE, f"{name} holds NaN or infinite values"
     return None
+
+
+# Counts the store keeps in 32-bit integer columns (records, steps, round numbers): larger is refused.
+MAX_COUNT = 2**31 - 1
+
+
+def attempt_mechanism(attempt: Attempt) -> Mechanism | None:
+    """The attempt's mechanism when its signed values are a valid one (accountant and delta too, and
+    counts the store can hold), else None."""
+    if attempt.accountant not in ACCOUNTANTS or not (math.isfinite(attempt.delta) and 0 < attempt.delta < 1):
+        return None
+    if not (0 <= attempt.round <= MAX_COUNT and 1 <= attempt.steps <= MAX_COUNT):
+        return None
+    try:
+        return Mechanism(attempt.sample_rate, attempt.noise_multiplier, attempt.steps)
+    except AccountingError:
+        return None
+
+
+def signed_spend(reply: TrainReply | Refusal | Rejected, *, job_id: str,
+                 clients: Mapping[str, RegisteredClient]) -> tuple[str, Attempt, tuple[Attempt, ...]] | None:
+    """What a reply's signature vouches for about privacy spent on ``job_id``: ``(client id, this
+    round's attempt, the earlier attempts it reports)``, or None when the reply is not a train reply
+    of this job signed with a registered client's key (nothing it says can be booked to anyone).
+
+    Independent of the reply's outcome: a rejected update (over the norm bound, wrong nonce from a
+    lost round, ...) still cost its client the privacy it signs for. Attempts whose values are not a
+    valid mechanism are left out (an honest agent never signs one)."""
+    if not isinstance(reply, TrainReply):
+        return None
+    receipt = reply.receipt
+    client = clients.get(receipt.client_id)
+    if client is None or receipt.job_id != job_id or not _signature_valid(receipt, client.public_key):
+        return None
+    earlier = tuple(a for a in receipt.attempts if attempt_mechanism(a) is not None)
+    return receipt.client_id, receipt.attempt, earlier
 
 
 def update_norm(new: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> float:

@@ -65,7 +65,7 @@ def test_no_part_imports_by_its_folder_name_from_the_repository_root(name):
 def test_a_top_level_kernels_is_never_our_folder():
     # With Hugging Face's package installed it is that one (above); without it, not found.
     code = ("import sys\n"
-            f"sys.path[:] = [p for p in sys.path if 'site-packages' not in p]  # hide installed packages\n"
+            "sys.path[:] = [p for p in sys.path if 'site-packages' not in p]  # hide installed packages\n"
             "try:\n"
             "    import kernels\n"
             "except ModuleNotFoundError as e:\n"

@@ -20,7 +20,7 @@ from fedtune.coordinator.api.schemas import (
     Page,
     RollbackIn,
 )
-from fedtune.coordinator.rounds import read_adapter_version
+from fedtune.coordinator.rounds import JobPlan, composed_client_spend, read_adapter_version
 from fedtune.coordinator.store import AdapterVersion, Client, Job, PrivacyLedgerEntry, Round
 
 router = APIRouter(prefix=API_PREFIX)
@@ -154,16 +154,18 @@ def rollback(job_id: JobId, body: RollbackIn, request: Request) -> AdapterVersio
 @router.get("/clients/{client_id}/privacy/ledger", name="privacy.ledger", tags=["privacy"],
             response_model=Page[LedgerEntryOut], responses=ERRORS)
 def client_ledger(client_id: ClientId, request: Request, limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
-    """The client's record-level privacy ledger: one row per round it contributed to."""
+    """The client's record-level privacy ledger: one row per training attempt it signed for (committed, rejected,
+    failed or reported later)."""
     with settings_of(request).ctx.sessions() as s:
         get_or_404(s, Client, client_id, "client")
         query = (select(PrivacyLedgerEntry).where(PrivacyLedgerEntry.client_id == client_id)
                  .order_by(PrivacyLedgerEntry.id))
 
         def convert(e: PrivacyLedgerEntry) -> LedgerEntryOut:
-            return LedgerEntryOut(job_id=e.job_id, round=s.get(Round, e.round_id).number, kind=e.kind,
-                                  epsilon=e.epsilon, delta=e.delta, sample_rate=e.sample_rate,
-                                  noise_multiplier=e.noise_multiplier, steps=e.steps, created_at=e.created_at)
+            number = e.round_number if e.round_number is not None else s.get(Round, e.round_id).number
+            return LedgerEntryOut(job_id=e.job_id, round=number, kind=e.kind, status=e.status, epsilon=e.epsilon,
+                                  delta=e.delta, sample_rate=e.sample_rate, noise_multiplier=e.noise_multiplier,
+                                  steps=e.steps, accountant=e.accountant, created_at=e.created_at)
 
         return paginate(s, query, limit, offset, convert)
 
@@ -171,19 +173,25 @@ def client_ledger(client_id: ClientId, request: Request, limit: Limit = 50, offs
 @router.get("/clients/{client_id}/privacy/budget", name="privacy.budget", tags=["privacy"],
             response_model=BudgetOut, responses=ERRORS)
 def client_budget(client_id: ClientId, request: Request) -> BudgetOut:
-    """Epsilon spent per job (basic composition over rounds) and what is left of the job's
-    ``max_client_epsilon``. The agent's own ledger enforces its lifetime budget locally."""
+    """Epsilon spent per job (every attempt the client signed for, composed by the accountant at the job's delta)
+    and what is left of the job's ``max_client_epsilon``; and all jobs composed as one lifetime history. The agent's
+    own ledger enforces its lifetime budget locally."""
     with settings_of(request).ctx.sessions() as s:
         get_or_404(s, Client, client_id, "client")
-        entries = s.execute(select(PrivacyLedgerEntry).where(PrivacyLedgerEntry.client_id == client_id)).scalars()
-        spent: dict[str, list[float]] = {}
+        entries = s.execute(select(PrivacyLedgerEntry).where(PrivacyLedgerEntry.client_id == client_id)
+                            .order_by(PrivacyLedgerEntry.id)).scalars().all()
+        by_job: dict[str, list[PrivacyLedgerEntry]] = {}
         for e in entries:
-            acc = spent.setdefault(e.job_id, [0.0, 0.0])
-            acc[0] += e.epsilon
-            acc[1] += e.delta
-        jobs = []
-        for job_id, (eps, delta) in sorted(spent.items()):
-            budget = s.get(Job, job_id).config.get("max_client_epsilon")
-            jobs.append(JobBudgetOut(job_id=job_id, epsilon_spent=eps, delta_spent=delta, epsilon_budget=budget,
-                                     epsilon_remaining=None if budget is None else max(0.0, budget - eps)))
-        return BudgetOut(client_id=client_id, jobs=jobs)
+            by_job.setdefault(e.job_id, []).append(e)
+        jobs, deltas = [], []
+        for job_id, rows in sorted(by_job.items()):
+            plan = JobPlan.from_config(s.get(Job, job_id).config)
+            eps = composed_client_spend(rows, plan.delta)
+            deltas.append(plan.delta)
+            budget = plan.max_client_epsilon
+            jobs.append(JobBudgetOut(job_id=job_id, epsilon_spent=eps, delta_spent=plan.delta, epsilon_budget=budget,
+                                     epsilon_remaining=None if budget is None else max(0.0, budget - eps),
+                                     attempts=len(rows)))
+        lifetime_delta = sum(deltas) if deltas else 0.0
+        lifetime = composed_client_spend(entries, lifetime_delta) if entries else 0.0
+        return BudgetOut(client_id=client_id, jobs=jobs, lifetime_epsilon=lifetime, lifetime_delta=lifetime_delta)

@@ -132,7 +132,9 @@ class TrainIn(Strict):
 class PrivacyIn(Strict):
     """DP-SGD on every client (always on for a federated job)."""
 
-    target_epsilon: FiniteFloat = Field(8.0, gt=0, le=100, description="record-level epsilon per round")
+    target_epsilon: FiniteFloat = Field(8.0, gt=0, le=100, description="record-level epsilon each client spends on "
+                                        "the whole job: every agent calibrates each round's noise so that all "
+                                        "rounds together (composed by the accountant) stay within it")
     delta: FiniteFloat = Field(1e-5, gt=0, lt=1e-2)
     max_grad_norm: FiniteFloat = Field(1.0, gt=0, le=1e3)
     accountant: Literal["rdp", "prv"] = "rdp"
@@ -141,11 +143,22 @@ class PrivacyIn(Strict):
     grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
 
 
+FFA_METHODS = ("ffa", "fedavgm", "fedadam", "fedyogi")  # methods that aggregate B-only (FFA) updates too
+
+
 class AggregationIn(Strict):
     method: Method = "ffa"  # type: ignore[valid-type]
     clip_norm: FiniteFloat | None = Field(None, gt=0, le=1e6)
     trim_fraction: FiniteFloat = Field(0.1, ge=0, lt=0.5)
     noise_multiplier: FiniteFloat = Field(0.0, ge=0, le=100, description="DP-FedAvg sigma (client-level DP)")
+    server_lr: FiniteFloat = Field(1.0, gt=0, le=100, description="server learning rate (fedavg, ffa, clipped_fedavg "
+                                   "and the server optimizers)")
+    server_momentum: FiniteFloat = Field(0.9, ge=0, lt=1, description="FedAvgM's momentum")
+    beta1: FiniteFloat = Field(0.9, ge=0, lt=1, description="FedAdam / FedYogi first-moment decay")
+    beta2: FiniteFloat = Field(0.99, ge=0, lt=1, description="FedAdam / FedYogi second-moment decay")
+    tau: FiniteFloat = Field(1e-3, gt=0, le=10, description="FedAdam / FedYogi adaptivity")
+    max_weight_multiple: FiniteFloat | None = Field(1.5, ge=1, le=1000, description="no client's aggregation weight "
+                                                    "above this multiple of an equal share (null: uncapped)")
 
     @model_validator(mode="after")
     def _needs(self) -> AggregationIn:
@@ -178,6 +191,9 @@ class JobIn(Strict):
     max_client_epsilon: FiniteFloat | None = Field(None, gt=0, le=1e4,
                                                   description="record-level epsilon budget per client for the job")
     client_level_delta: FiniteFloat = Field(1e-5, gt=0, lt=1e-2)
+    declared_records: dict[Id, int] = Field(default_factory=dict, max_length=1000,
+                                            description="records each client declared when it enrolled: a reply "
+                                                        "claiming more (its aggregation weight) is rejected")
     lora: LoraIn = Field(default_factory=LoraIn)
     train: TrainIn = Field(default_factory=TrainIn)
     privacy: PrivacyIn = Field(default_factory=PrivacyIn)
@@ -189,11 +205,19 @@ class JobIn(Strict):
             raise ValueError("clients: an id is listed twice")
         if self.min_clients > len(self.clients):
             raise ValueError(f"min_clients ({self.min_clients}) exceeds the {len(self.clients)} listed clients")
-        if (self.aggregation.method == "ffa") != self.lora.ffa:
-            raise ValueError("aggregation.method 'ffa' and lora.ffa=true go together (FFA sends B only)")
+        if self.aggregation.method == "ffa" and not self.lora.ffa:
+            raise ValueError("aggregation.method 'ffa' needs lora.ffa=true (FFA sends B only)")
+        if self.lora.ffa and self.aggregation.method not in FFA_METHODS:
+            raise ValueError(f"lora.ffa=true sends B only; aggregate it with one of {FFA_METHODS}, not "
+                             f"{self.aggregation.method!r}")
         if self.max_client_epsilon is not None and self.max_client_epsilon < self.privacy.target_epsilon:
-            raise ValueError(f"max_client_epsilon ({self.max_client_epsilon}) is below one round's "
+            raise ValueError(f"max_client_epsilon ({self.max_client_epsilon}) is below the job's "
                              f"privacy.target_epsilon ({self.privacy.target_epsilon})")
+        unknown = sorted(set(self.declared_records) - set(self.clients))
+        if unknown:
+            raise ValueError(f"declared_records names clients the job does not list: {unknown[:5]}")
+        if any(n < 1 for n in self.declared_records.values()):
+            raise ValueError("declared_records: every count must be >= 1")
         return self
 
     def engine_config(self) -> dict[str, Any]:
@@ -203,6 +227,7 @@ class JobIn(Strict):
             "aggregation": self.aggregation.model_dump(), "norm_bound": self.norm_bound,
             "round_timeout_s": self.round_timeout_s, "max_failed_rounds": self.max_failed_rounds,
             "max_client_epsilon": self.max_client_epsilon, "client_level_delta": self.client_level_delta,
+            "declared_records": dict(self.declared_records),
             "train": {"lora": self.lora.model_dump(), "train": self.train.model_dump(),
                       "privacy": self.privacy.model_dump()},
             "processing": self.processing.model_dump(),
@@ -258,14 +283,19 @@ class RollbackIn(Strict):
 
 class LedgerEntryOut(BaseModel):
     job_id: str
-    round: int
+    round: int | None
     kind: str
+    status: str
     epsilon: float
     delta: float
     sample_rate: float | None
     noise_multiplier: float | None
     steps: int | None
+    accountant: str | None
     created_at: datetime
+
+
+COMPOSITION = "accountant over every attempt the client signed for (sample rate, noise multiplier, steps)"
 
 
 class JobBudgetOut(BaseModel):
@@ -274,12 +304,16 @@ class JobBudgetOut(BaseModel):
     delta_spent: float
     epsilon_budget: float | None
     epsilon_remaining: float | None
-    composition: str = "basic (sum over rounds)"
+    attempts: int
+    composition: str = COMPOSITION
 
 
 class BudgetOut(BaseModel):
     client_id: str
     jobs: list[JobBudgetOut]
+    lifetime_epsilon: float = Field(description="every job's attempts composed as one history, at lifetime_delta: an "
+                                                "upper bound if the jobs trained on one dataset")
+    lifetime_delta: float
 
 
 # --- audit -----------------------------------------------------------------------------------

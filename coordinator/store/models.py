@@ -38,6 +38,10 @@ JOB_STATUSES = ("created", "running", "paused", "completed", "failed", "aborted"
 ROUND_STATUSES = ("pending", "running", "completed", "failed")
 UPDATE_STATUSES = ("accepted", "rejected", "refused")
 LEDGER_KINDS = ("record_level", "client_level")
+# What became of the attempt a record-level row counts: its update was aggregated (committed), refused
+# by validation (rejected), its round failed (failed), or the client reported it, signed, in a later
+# reply because the round it answered was lost (reported: a coordinator crash, a missed deadline).
+LEDGER_STATUSES = ("committed", "rejected", "failed", "reported")
 NODE_RETIREMENT_REASONS = ("rotated", "revoked")
 
 
@@ -258,15 +262,21 @@ class AdapterVersion(Base):
 
 
 class PrivacyLedgerEntry(Base):
-    """Privacy spent in a round: per client at record level (the agent's DP-SGD), or once per round
-    at client level (the coordinator's DP-FedAvg; ``client_id`` is NULL)."""
+    """Privacy spent: per client at record level (the agent's DP-SGD), or once per round at client
+    level (the coordinator's DP-FedAvg; ``client_id`` is NULL).
+
+    A record-level row is one training attempt, from the values its agent signed (protocol v2):
+    ``nonce`` (hex) names the attempt, one row per (job, client, nonce); ``round_number`` is the round
+    it answered and ``round_id`` the round in which the coordinator learned of it (the same round,
+    except for a ``reported`` attempt). Rows written before v2 have no nonce and may lack their
+    mechanism: they count by their own (epsilon, delta) (``fedtune.compliance.accounting``)."""
 
     __tablename__ = "privacy_ledger"
     __table_args__ = (
         CheckConstraint(_in("kind", LEDGER_KINDS), name="kind"),
         CheckConstraint("(kind = 'record_level') = (client_id IS NOT NULL)", name="client_iff_record_level"),
         CheckConstraint("epsilon >= 0 AND delta >= 0 AND delta < 1", name="epsilon_delta"),
-        Index("uq_privacy_ledger_record_level", "round_id", "client_id", unique=True,
+        Index("uq_privacy_ledger_attempt", "job_id", "client_id", "nonce", unique=True,
               sqlite_where=text("kind = 'record_level'"), postgresql_where=text("kind = 'record_level'")),
         Index("uq_privacy_ledger_client_level", "round_id", unique=True,
               sqlite_where=text("kind = 'client_level'"), postgresql_where=text("kind = 'client_level'")),
@@ -283,6 +293,9 @@ class PrivacyLedgerEntry(Base):
     noise_multiplier: Mapped[float | None] = mapped_column(Float)  # sigma
     steps: Mapped[int | None]
     accountant: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="committed", server_default="committed")
+    round_number: Mapped[int | None]
+    nonce: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
 
 

@@ -12,6 +12,7 @@ from fedtune.client_agent.ledger import PrivacyLedger
 from fedtune.client_agent.privacy import epsilon_for
 from fedtune.model import DeepseekForCausalLM, init_weights, save_pretrained
 from fedtune.model.config import PRESETS
+from fedtune_testing.accounting import reference_epsilon
 
 runner = CliRunner()
 
@@ -51,13 +52,24 @@ def test_train_local_writes_peft_adapter_and_report_and_settles_the_ledger(setup
         (run,) = ledger.runs("memos")
         assert run["status"] == "completed" and run["epsilon"] == pytest.approx(report["epsilon"])
 
-    # A second run of 3 would pass the lifetime budget of 5: refused before anything trains.
-    refused = _train(tmp_path, data, state, tmp_path / "out2", 3.0)
-    assert refused.exit_code == 3
-    assert "refusing to train" in refused.output and "remaining epsilon=2" in refused.output
-    assert not (tmp_path / "out2").exists()
+    # A second run of 3 fits the lifetime budget of 5 (delta 1e-4): the ledger composes the two runs
+    # (about 3.0 together), where summing them (6) would have refused it.
+    first = (8 / 40, report["noise_multiplier"], 2)
+    second = _train(tmp_path, data, state, tmp_path / "out2", 3.0)
+    assert second.exit_code == 0, second.output
+    report2 = json.loads((tmp_path / "out2" / "report.json").read_text())
+    both = reference_epsilon([first, (8 / 40, report2["noise_multiplier"], 2)], 1e-4)
+    assert both <= 5.0 < report["epsilon"] + report2["epsilon"]
     with PrivacyLedger(state / "privacy_ledger.db") as ledger:
-        assert len(ledger.runs("memos")) == 1
+        assert ledger.spent("memos").epsilon == pytest.approx(both, rel=1e-9)
+
+    # A third run of 8 would pass it: refused before anything trains, with the composed numbers.
+    refused = _train(tmp_path, data, state, tmp_path / "out3", 8.0)
+    assert refused.exit_code == 3
+    assert "refusing to train" in refused.output and f"remaining epsilon={5.0 - both:.4g}" in refused.output
+    assert not (tmp_path / "out3").exists()
+    with PrivacyLedger(state / "privacy_ledger.db") as ledger:
+        assert len(ledger.runs("memos")) == 2
 
 
 def test_bad_data_line_is_named_and_nothing_is_reserved(setup):

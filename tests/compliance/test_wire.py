@@ -12,6 +12,7 @@ import torch
 from fedtune.compliance.signing import generate_signing_key
 from fedtune.compliance.wire import (
     PROTOCOL_VERSION,
+    Attempt,
     ProtocolVersionError,
     Refusal,
     RefusalReason,
@@ -29,6 +30,8 @@ from fedtune.compliance.wire import (
     sign_train_reply,
     tensors_digest,
 )
+
+MECHANISM = {"sample_rate": 0.1, "noise_multiplier": 1.1, "steps": 5, "accountant": "rdp"}
 
 
 def _reference_digest(tensors: dict[str, np.ndarray], dtype_names: dict[str, str]) -> str:
@@ -91,15 +94,23 @@ def test_unsupported_dtype_and_garbage_bytes_are_wire_errors():
 
 def test_receipt_signed_bytes_layout():
     key = generate_signing_key()
+    earlier = Attempt(round=2, nonce=b"\x05" * 32, sample_rate=0.25, noise_multiplier=0.9, steps=7, accountant="prv",
+                      delta=1e-5)
     reply = sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(), loss=0.5, records=120,
-                             epsilon=1.25, delta=1e-6, private_key=key)
+                             epsilon=1.25, delta=1e-6, sample_rate=0.125, noise_multiplier=1.5, steps=40,
+                             accountant="rdp", attempts=(earlier,), private_key=key)
 
     def s(text: str) -> bytes:
         return struct.pack(">I", len(text.encode())) + text.encode()
 
-    expected = (b"fedtune.receipt\x00" + struct.pack(">I", 1) + s("job-1") + struct.pack(">Q", 3)
+    expected = (b"fedtune.receipt\x00" + struct.pack(">I", 2) + s("job-1") + struct.pack(">Q", 3)
                 + struct.pack(">I", 32) + b"\x07" * 32 + s("bank-a") + s(tensors_digest(_adapter()))
-                + struct.pack(">d", 1.25) + struct.pack(">d", 1e-6) + s("sha256:base") + struct.pack(">Q", 120))
+                + struct.pack(">d", 1.25) + struct.pack(">d", 1e-6) + s("sha256:base") + struct.pack(">Q", 120)
+                # version 2: the mechanism and the earlier attempts
+                + struct.pack(">d", 0.125) + struct.pack(">d", 1.5) + struct.pack(">Q", 40) + s("rdp")
+                + struct.pack(">I", 1)
+                + struct.pack(">Q", 2) + struct.pack(">I", 32) + b"\x05" * 32 + struct.pack(">d", 0.25)
+                + struct.pack(">d", 0.9) + struct.pack(">Q", 7) + s("prv") + struct.pack(">d", 1e-5))
     assert reply.receipt.signed_bytes() == expected
     key.public_key().verify(reply.receipt.signature, expected)  # raises if invalid
 
@@ -109,11 +120,15 @@ def test_receipt_verifies_only_with_the_signers_key_and_unchanged_fields():
 
     key = generate_signing_key()
     receipt = sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(), loss=0.5, records=10,
-                               epsilon=1.0, delta=1e-6, private_key=key).receipt
+                               epsilon=1.0, delta=1e-6, **MECHANISM, private_key=key).receipt
     assert receipt.verify(key.public_key())
     assert not receipt.verify(generate_signing_key().public_key())
+    lost = Attempt(round=1, nonce=b"\x09" * 32, sample_rate=0.1, noise_multiplier=1.0, steps=5, accountant="rdp",
+                   delta=1e-5)
     for change in ({"round": 2}, {"job_id": "job-2"}, {"epsilon": 0.5}, {"records": 1000},
-                   {"nonce": b"\x08" * 32}, {"client_id": "bank-b"}, {"base_digest": "sha256:other"}):
+                   {"nonce": b"\x08" * 32}, {"client_id": "bank-b"}, {"base_digest": "sha256:other"},
+                   {"sample_rate": 0.2}, {"noise_multiplier": 2.0}, {"steps": 6}, {"accountant": "prv"},
+                   {"attempts": (lost,)}):
         assert not replace(receipt, **change).verify(key.public_key()), change
 
 
@@ -137,11 +152,14 @@ def test_instruction_round_trips_through_flower():
 def test_reply_and_refusal_round_trip_through_flower():
     key = generate_signing_key()
     b_only = {k: v for k, v in _adapter().items() if "lora_B" in k}
+    lost = Attempt(round=1, nonce=b"\x09" * 32, sample_rate=0.1, noise_multiplier=1.0, steps=5, accountant="rdp",
+                   delta=1e-5)
     reply = sign_train_reply(_instruction(), client_id="bank-a", tensors=b_only, loss=0.25, records=64,
-                             epsilon=0.8, delta=1e-6, private_key=key)
+                             epsilon=0.8, delta=1e-6, **MECHANISM, attempts=(lost,), private_key=key)
     back = reply_from_record_dict(_through_flower(reply_to_record_dict(reply)))
     assert isinstance(back, TrainReply)
     assert back.receipt == reply.receipt and back.metrics == {"loss": 0.25, "records": 64}
+    assert back.receipt.attempts == (lost,) and back.receipt.steps == MECHANISM["steps"]
     assert back.receipt.verify(key.public_key()) and tensors_digest(back.tensors) == reply.receipt.tensors_digest
 
     refusal = sign_refusal(_instruction(), client_id="bank-a", reason_code=RefusalReason.BUDGET_EXHAUSTED,
@@ -166,3 +184,34 @@ def test_nonce_must_have_32_bytes():
     with pytest.raises(WireError, match="32"):
         _instruction(nonce=b"short")
     assert len(new_nonce()) == 32 and new_nonce() != new_nonce()
+
+
+def test_a_version_1_reply_is_refused_naming_both_versions():
+    """A v1 agent's reply (unsigned mechanism) cannot be booked: decoding refuses it, and the
+    coordinator records it as a protocol_version rejection."""
+    from fedtune.coordinator.validation import RejectReason, decode_reply
+
+    key = generate_signing_key()
+    content = reply_to_record_dict(sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(), loss=0.5,
+                                                    records=10, epsilon=1.0, delta=1e-6, **MECHANISM, private_key=key))
+    v1 = content.config_records["fedtune.reply"]
+    v1["protocol_version"] = 1
+    for field in ("sample_rate", "noise_multiplier", "steps", "accountant", "attempts_json"):
+        del v1[field]
+    with pytest.raises(ProtocolVersionError, match="peer speaks wire protocol 1, this side speaks 2"):
+        reply_from_record_dict(content)
+    rejected = decode_reply(content)
+    assert rejected.reason_code == RejectReason.PROTOCOL_VERSION and rejected.client_id == "bank-a"
+    assert "1" in rejected.message and "2" in rejected.message
+
+
+def test_malformed_attempts_are_wire_errors():
+    key = generate_signing_key()
+    content = reply_to_record_dict(sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(), loss=0.5,
+                                                    records=10, epsilon=1.0, delta=1e-6, **MECHANISM, private_key=key))
+    for bad, match in (("{", "not JSON"), ('{"round": 1}', "JSON list"), ('[{"round": "1"}]', "'round' is str"),
+                       ('[{"round": 1, "nonce": "zz", "sample_rate": 0.1, "noise_multiplier": 1, "steps": 1, '
+                        '"accountant": "rdp", "delta": 1e-5}]', "not hex")):
+        content.config_records["fedtune.reply"]["attempts_json"] = bad
+        with pytest.raises(WireError, match=match):
+            reply_from_record_dict(content)

@@ -424,7 +424,8 @@ def test_replies_signed_with_the_rotated_away_receipt_key_are_rejected(api):
 
     def reply(key):
         return sign_train_reply(instruction, client_id="bank-a", tensors={n: t + 0.01 for n, t in current.items()},
-                                loss=1.0, records=10, epsilon=1.0, delta=1e-6, private_key=key)
+                                loss=1.0, records=10, epsilon=1.0, delta=1e-6, sample_rate=0.5,
+                                noise_multiplier=1.0, steps=4, accountant="rdp", private_key=key)
 
     stale = validate_reply(reply(old), expected=expected, clients=clients)
     assert isinstance(stale, Rejected) and stale.reason_code == RejectReason.BAD_SIGNATURE

@@ -129,8 +129,11 @@ def test_quorum_lost_fails_the_round_without_a_version(ctx):
     assert result.status == "failed" and result.failure_reason == "quorum_not_met"
     assert result.missing == ["bank-a"]
     assert _count(ctx, AdapterVersion) == 1  # version 0 only
-    assert _count(ctx, PrivacyLedgerEntry) == 0
     with ctx.sessions() as s:
+        # bank-b's update was rejected (norm), but it trained: its signed spend is booked all the same
+        [entry] = s.execute(select(PrivacyLedgerEntry)).scalars().all()
+        assert (entry.client_id, entry.status, entry.round_number, entry.epsilon) == ("bank-b", "rejected", 1, 2.0)
+        assert (entry.sample_rate, entry.noise_multiplier, entry.steps, entry.accountant) == (0.1, 1.1, 5, "rdp")
         rnd = s.execute(select(Round)).scalar_one()
         assert rnd.status == "failed" and rnd.failure_reason.startswith("quorum_not_met")
     assert "round.failed" in _actions(ctx) and "update.missing" in _actions(ctx)

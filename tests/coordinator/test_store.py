@@ -49,7 +49,51 @@ def test_migration_creates_exactly_the_orm_schema(engine):
 def test_upgrade_is_idempotent(engine):
     upgrade_database(engine)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
+
+
+def _seed_client_job_round(conn, *, round_id: int, number: int, status: str) -> None:
+    """bank-a, job-1 and one of its rounds, in plain SQL (any schema version from 0001 on)."""
+    conn.execute(text("INSERT INTO clients (id, org, name, public_key, status, created_at) "
+                      "VALUES ('bank-a', 'o', 'n', 'ed25519:AAAA', 'active', CURRENT_TIMESTAMP)"))
+    conn.execute(text("INSERT INTO jobs (id, base_digest, config, status, created_at) "
+                      "VALUES ('job-1', 'sha256:b', '{}', 'created', CURRENT_TIMESTAMP)"))
+    conn.execute(text("INSERT INTO rounds (id, job_id, number, status, nonce) VALUES (:id, 'job-1', :number, "
+                      ":status, :nonce)"), {"id": round_id, "number": number, "status": status, "nonce": b"\x01" * 32})
+
+
+def test_0003_keeps_old_ledger_rows_as_committed_attempts_and_downgrades(database_url):
+    """A ledger row written at 0002 (no nonce, no mechanism) becomes a committed row of its round's
+    number; two attempts of one client in one round fit after the upgrade, not before the downgrade."""
+    from fedtune.coordinator.store import create_store_engine
+
+    engine = create_store_engine(database_url)
+    try:
+        upgrade_database(engine, "0002")
+        with engine.begin() as conn:
+            _seed_client_job_round(conn, round_id=7, number=3, status='completed')
+            conn.execute(text("INSERT INTO privacy_ledger (kind, client_id, job_id, round_id, epsilon, delta, "
+                              "created_at) VALUES ('record_level', 'bank-a', 'job-1', 7, 0.5, 1e-5, "
+                              "CURRENT_TIMESTAMP)"))
+        upgrade_database(engine)
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT status, round_number, nonce, sample_rate FROM privacy_ledger")).all() == [
+                ("committed", 3, None, None)]
+            conn.execute(text("INSERT INTO privacy_ledger (kind, client_id, job_id, round_id, epsilon, delta, "
+                              "status, round_number, nonce, created_at) VALUES ('record_level', 'bank-a', 'job-1', "
+                              "7, 0.4, 1e-5, 'reported', 2, 'ab', CURRENT_TIMESTAMP)"))
+        with engine.begin() as conn:
+            from alembic import command
+
+            from fedtune.coordinator.migrations import alembic_config
+
+            config = alembic_config()
+            config.attributes["connection"] = conn
+            command.downgrade(config, "0002")  # drops the reported row: 0002 allows one row per round
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT epsilon FROM privacy_ledger")).scalars().all() == [0.5]
+    finally:
+        engine.dispose()
 
 
 def test_0002_keeps_existing_clients_and_downgrades(database_url):
@@ -60,12 +104,7 @@ def test_0002_keeps_existing_clients_and_downgrades(database_url):
     try:
         upgrade_database(engine, "0001")
         with engine.begin() as conn:
-            conn.execute(text("INSERT INTO clients (id, org, name, public_key, status, created_at) "
-                              "VALUES ('bank-a', 'o', 'n', 'ed25519:AAAA', 'active', CURRENT_TIMESTAMP)"))
-            conn.execute(text("INSERT INTO jobs (id, base_digest, config, status, created_at) "
-                              "VALUES ('job-1', 'sha256:b', '{}', 'created', CURRENT_TIMESTAMP)"))
-            conn.execute(text("INSERT INTO rounds (id, job_id, number, status, nonce) "
-                              "VALUES (1, 'job-1', 1, 'running', :nonce)"), {"nonce": b"\x01" * 32})
+            _seed_client_job_round(conn, round_id=1, number=1, status='running')
             # a row that references the client: dropping the columns again must not copy the table
             conn.execute(text("INSERT INTO updates (round_id, client_id, status, reason_code, received_at) "
                               "VALUES (1, 'bank-a', 'refused', 'budget', CURRENT_TIMESTAMP)"))
@@ -183,13 +222,18 @@ def test_ledger_rows_record_and_client_level(sessions):
     with sessions.begin() as s:
         rnd = _seed(s)
         s.add(PrivacyLedgerEntry(client_id="bank-a", job_id="job-1", round_id=rnd.id, epsilon=1.5, delta=1e-6,
-                                 sample_rate=0.01, noise_multiplier=1.1, steps=100, accountant="rdp"))
+                                 sample_rate=0.01, noise_multiplier=1.1, steps=100, accountant="rdp", nonce="aa"))
         s.add(PrivacyLedgerEntry(kind="client_level", job_id="job-1", round_id=rnd.id, epsilon=0.3, delta=1e-5,
                                  sample_rate=0.5, noise_multiplier=1.0, steps=1, accountant="rdp"))
+        # an earlier attempt the client reports in this round: another nonce, same round row
+        s.add(PrivacyLedgerEntry(client_id="bank-a", job_id="job-1", round_id=rnd.id, epsilon=1.5, delta=1e-6,
+                                 sample_rate=0.01, noise_multiplier=1.1, steps=100, accountant="rdp", nonce="bb",
+                                 status="reported", round_number=0))
     with pytest.raises(IntegrityError), sessions.begin() as s:  # record-level rows name their client
         s.add(PrivacyLedgerEntry(job_id="job-1", round_id=rnd.id, epsilon=1.0, delta=1e-6))
-    with pytest.raises(IntegrityError), sessions.begin() as s:  # one record-level row per client and round
-        s.add(PrivacyLedgerEntry(client_id="bank-a", job_id="job-1", round_id=rnd.id, epsilon=1.0, delta=1e-6))
+    with pytest.raises(IntegrityError), sessions.begin() as s:  # one record-level row per attempt (nonce)
+        s.add(PrivacyLedgerEntry(client_id="bank-a", job_id="job-1", round_id=rnd.id, epsilon=1.0, delta=1e-6,
+                                 nonce="aa"))
 
 
 def _audit(session, action="round.completed", **kw):

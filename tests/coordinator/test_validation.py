@@ -50,7 +50,8 @@ def _trained(scale: float = 0.1) -> dict[str, torch.Tensor]:
 
 
 def _reply(client="bank-a", instruction=ROUND_3, tensors=None, key=None, **kw):
-    args = dict(loss=0.7, records=100, epsilon=1.5, delta=1e-6)
+    args = dict(loss=0.7, records=100, epsilon=1.5, delta=1e-6, sample_rate=0.16, noise_multiplier=1.2, steps=10,
+                accountant="rdp")
     args.update(kw)
     return sign_train_reply(instruction, client_id=client, tensors=_trained() if tensors is None else tensors,
                             private_key=key or KEYS[client], **args)
@@ -111,6 +112,14 @@ MALICIOUS = {
     "epsilon over target": (lambda: _reply(epsilon=5.0), RejectReason.EPSILON_OVER_TARGET),
     "metrics disagree with receipt": (lambda: replace(_reply(), metrics={"loss": 0.7, "records": 5}),
                                       RejectReason.BAD_METRICS),
+    "sigma swapped in transit": (lambda: replace(_reply(), receipt=replace(_reply().receipt, noise_multiplier=9.0)),
+                                 RejectReason.BAD_SIGNATURE),
+    "zero noise signed": (lambda: _reply(noise_multiplier=0.0), RejectReason.BAD_PRIVACY_CLAIM),
+    "sample rate over 1": (lambda: _reply(sample_rate=1.5), RejectReason.BAD_PRIVACY_CLAIM),
+    "no steps": (lambda: _reply(steps=0), RejectReason.BAD_PRIVACY_CLAIM),
+    "steps past a 32-bit count": (lambda: _reply(steps=2**31), RejectReason.BAD_PRIVACY_CLAIM),
+    "unknown accountant": (lambda: _reply(accountant="gdp"), RejectReason.BAD_PRIVACY_CLAIM),
+    "records past a 32-bit count": (lambda: _reply(records=2**31), RejectReason.BAD_METRICS),
     "unknown client": (lambda: _reply(client="stranger"), RejectReason.UNKNOWN_CLIENT),
     "revoked client": (lambda: _reply(client="revoked-d"), RejectReason.REVOKED_CLIENT),
 }

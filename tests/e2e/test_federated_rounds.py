@@ -60,7 +60,8 @@ def assert_job_completed_once(fed: Federation, job_id: str) -> None:
         rounds = s.execute(select(Round).order_by(Round.number)).scalars().all()
         assert [(r.number, r.status) for r in rounds] == [(1, "completed"), (2, "completed")]
         assert [v.round_id for v in versions[1:]] == [r.id for r in rounds]
-        ledger = s.execute(select(PrivacyLedgerEntry)).scalars().all()
+        ledger = s.execute(select(PrivacyLedgerEntry).where(PrivacyLedgerEntry.job_id == job_id,
+                                                            PrivacyLedgerEntry.status == "committed")).scalars().all()
         assert sorted((e.client_id, e.round_id) for e in ledger) == sorted(
             (c, r.id) for c in CLIENTS for r in rounds)
         assert all(0 < e.epsilon <= 50.0 and e.noise_multiplier == 1.0 and e.steps == 1 for e in ledger)
@@ -179,11 +180,21 @@ def test_coordinator_killed_mid_round_is_restarted_and_finishes_the_job(federati
         actions = [e.action for e in s.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars()]
     assert actions.count("job.started") == 1 and actions.count("job.resumed") == 1
     # The killed attempt's training was real: each agent's own ledger keeps the epsilon it spent on it
-    # (settled or still reserved), so the lifetime budget counts it; the coordinator's ledger does not.
+    # (settled or still reserved), so the lifetime budget counts it; and the agent's next reply reports
+    # it, signed, so the coordinator's ledger holds every attempt too (status 'reported'), each once.
     for client in CLIENTS:
         with PrivacyLedger(fed.root / client / "state" / "privacy_ledger.db") as ledger:
-            rounds = sorted(r["round"] for r in ledger.runs() if r["status"] in ("completed", "reserved"))
+            runs = [r for r in ledger.runs() if r["status"] in ("completed", "reserved") and r["job_id"] == "job-crash"]
+        rounds = sorted(r["round"] for r in runs)
         assert rounds in ([1, 2], [1, 2, 2]), rounds  # [1, 2]: the killed run's message never reached it
+        with fed.ctx.sessions() as s:
+            booked = s.execute(select(PrivacyLedgerEntry).where(
+                PrivacyLedgerEntry.client_id == client, PrivacyLedgerEntry.job_id == "job-crash")).scalars().all()
+        assert sorted((e.round_number, e.nonce) for e in booked) == sorted((r["round"], r["nonce"]) for r in runs)
+        assert sorted(e.status for e in booked) == (["committed", "committed", "reported"] if len(runs) == 3
+                                                    else ["committed", "committed"])
+        for e, r in zip(sorted(booked, key=lambda e: e.nonce), sorted(runs, key=lambda r: r["nonce"]), strict=True):
+            assert (e.sample_rate, e.noise_multiplier, e.steps) == (r["sample_rate"], r["noise_multiplier"], r["steps"])
     first_status = fed.wait(first, timeout_s=90)  # Flower fails it when its heartbeats stop (~40 s here)
     print(f"e2e crash: ServerApp killed {killed_at:.1f} s after flwr run (round 2 in flight); job finished by a "
           f"second run {elapsed:.1f} s after the first started; first run ended {first_status}")

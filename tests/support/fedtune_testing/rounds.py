@@ -5,7 +5,6 @@ three clients with fresh Ed25519 keys, a revoked one and a stranger, job-1 of tw
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,6 +23,10 @@ JOB_CONFIG = {"rounds": 2, "min_clients": 2, "clients": [*CLIENTS, "revoked-d"],
               "train": {"privacy": {"target_epsilon": 4.0, "delta": 1e-5}, "lora": {"ffa": True, "rank": 2}}}
 
 
+# The DP-SGD mechanism every honest reply signs (what the coordinator's ledger composes).
+MECHANISM = {"sample_rate": 0.1, "noise_multiplier": 1.1, "steps": 5, "accountant": "rdp"}
+
+
 def _delta(client: str) -> float:
     return {"bank-a": 0.01, "bank-b": 0.02, "hospital-c": 0.03}.get(client, 0.01)
 
@@ -33,11 +36,10 @@ def honest_reply(instruction: TrainInstruction, client: str, **overrides):
     if tensors is None:
         tensors = {n: t + _delta(client) for n, t in instruction.adapter.items()}
     args = dict(loss=1.0, records=100 * (CLIENTS.index(client) + 1) if client in CLIENTS else 50,
-                epsilon=2.0, delta=1e-5)
+                epsilon=2.0, delta=1e-5, **MECHANISM)
     args.update(overrides)
-    key = args.pop("key", KEYS[client])
-    reply = sign_train_reply(instruction, client_id=client, tensors=tensors, private_key=key, **args)
-    return replace(reply, metrics={**reply.metrics, "sample_rate": 0.1, "noise_multiplier": 1.1, "steps": 5})
+    key = args.pop("key", None) or KEYS[client]
+    return sign_train_reply(instruction, client_id=client, tensors=tensors, private_key=key, **args)
 
 
 class FakeTransport:
