@@ -3,8 +3,8 @@
 * :func:`adapter_lineage`: where an adapter version came from: its parent chain back to version 0
   and the base model, the round that made each version, the clients that contributed, and the
   record-level epsilon each client spent in each of those rounds (from the privacy ledger). Epsilon
-  is per client and is never summed across clients; a client's total over the lineage is the
-  basic-composition sum over its rounds (an upper bound).
+  is per client and is never summed across clients; a client's total over the lineage is its rounds'
+  mechanisms composed by the accountant at the job's delta (``fedtune.compliance.accounting``).
 * :func:`processing_record`: a per-job record of processing: purpose, legal basis, data
   categories, data subjects, parties, recipients, retention and safeguards. What only people can
   say comes from the job config's ``processing`` object; a field it does not set reads
@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from fedtune.compliance.accounting import Mechanism, SpendRow, total_spend
 from fedtune.compliance.canonical import format_timestamp
 from fedtune.coordinator.store import AdapterVersion, AuditEvent, Client, Job, PrivacyLedgerEntry, Round
 
@@ -81,10 +82,11 @@ def adapter_lineage(session: Session, job_id: str, version: int) -> dict[str, An
     return {
         "report": LINEAGE_FORMAT, "job_id": job_id, "version": version, "digest": chain[0].digest,
         "base_digest": job.base_digest, "generated_at": format_timestamp(datetime.now(UTC)),
-        "versions": versions, "clients": _client_totals(session, versions),
+        "versions": versions, "clients": _client_totals(session, versions, _job_delta(job.config)),
         "notes": ["epsilon is record-level DP spent at each client, per round; it is never summed across "
-                  "clients. epsilon_total is the basic-composition sum over the rounds of this lineage (an "
-                  "upper bound; the agent's accountant may state a tighter one)."],
+                  "clients. epsilon_total composes the client's rounds of this lineage (sample rate, noise "
+                  "multiplier, steps, as the client signed them) with the accountant at delta_total, the job's "
+                  "delta; a row without its mechanism adds its own epsilon and delta."],
     }
 
 
@@ -99,7 +101,8 @@ def _version_audit_seqs(session: Session, job_id: str) -> dict[str, int]:
 def _version_entry(v: AdapterVersion, rows: Mapping[int, AdapterVersion], rnd: Round | None,
                    record_level: Mapping[int, list[PrivacyLedgerEntry]], client_level: Mapping[int, PrivacyLedgerEntry],
                    audit_seqs: Mapping[str, int]) -> dict[str, Any]:
-    ledger = {e.client_id: e for e in record_level.get(v.round_id, [])} if v.round_id is not None else {}
+    ledger = ({e.client_id: e for e in record_level.get(v.round_id, []) if e.status == "committed"}
+              if v.round_id is not None else {})
     contributors = []
     for c in v.contributors:
         entry = ledger.get(c.get("client_id"))
@@ -108,6 +111,7 @@ def _version_entry(v: AdapterVersion, rows: Mapping[int, AdapterVersion], rnd: R
             "epsilon": entry.epsilon if entry else c.get("epsilon"), "delta": entry.delta if entry else c.get("delta"),
             "noise_multiplier": entry.noise_multiplier if entry else None,
             "sample_rate": entry.sample_rate if entry else None, "steps": entry.steps if entry else None,
+            "accountant": entry.accountant if entry else None,
         })
     central = client_level.get(v.round_id) if v.round_id is not None else None
     return {
@@ -122,8 +126,27 @@ def _version_entry(v: AdapterVersion, rows: Mapping[int, AdapterVersion], rnd: R
     }
 
 
-def _client_totals(session: Session, versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _job_delta(config: Mapping[str, Any] | None) -> float:
+    """The record-level delta a job's spend is composed at: its DP config's (default 1e-5)."""
+    privacy = ((config or {}).get("train") or {}).get("privacy") or {}
+    return float(privacy.get("delta", 1e-5))
+
+
+def _spend_row(epsilon: float, delta: float | None, sample_rate: float | None, noise_multiplier: float | None,
+               steps: int | None, accountant: str | None) -> SpendRow:
+    """A ledger value as the accountant sees it (its mechanism when fully recorded and valid)."""
+    mechanism = None
+    if None not in (sample_rate, noise_multiplier, steps, accountant):
+        try:
+            mechanism = Mechanism(sample_rate, noise_multiplier, steps)
+        except ValueError:
+            mechanism = None
+    return SpendRow(mechanism, epsilon, delta or 0.0, accountant)
+
+
+def _client_totals(session: Session, versions: list[dict[str, Any]], delta: float) -> list[dict[str, Any]]:
     per_client: dict[str, dict[str, Any]] = {}
+    spend: dict[str, list[SpendRow]] = defaultdict(list)
     for v in reversed(versions):  # oldest first
         for c in v["contributors"]:
             totals = per_client.setdefault(c["client_id"], {"client_id": c["client_id"], "rounds": [], "records": 0,
@@ -131,13 +154,15 @@ def _client_totals(session: Session, versions: list[dict[str, Any]]) -> list[dic
             totals["rounds"].append(v["round"])
             totals["records"] += c["records"] or 0
             totals["epsilon_per_round"].append({"round": v["round"], "epsilon": c["epsilon"], "delta": c["delta"]})
+            if c["epsilon"] is not None:
+                spend[c["client_id"]].append(_spend_row(c["epsilon"], c["delta"], c["sample_rate"],
+                                                        c["noise_multiplier"], c["steps"], c.get("accountant")))
     orgs = dict(session.execute(select(Client.id, Client.org).where(Client.id.in_(per_client))).all())
     out = []
     for client_id, totals in sorted(per_client.items()):
-        spent = [e for e in totals["epsilon_per_round"] if e["epsilon"] is not None]
-        out.append({**totals, "org": orgs.get(client_id),
-                    "epsilon_total": sum(e["epsilon"] for e in spent) if spent else None,
-                    "delta_total": sum(e["delta"] or 0.0 for e in spent) if spent else None})
+        rows = spend.get(client_id)
+        epsilon, delta_total = total_spend(rows, delta) if rows else (None, None)
+        out.append({**totals, "org": orgs.get(client_id), "epsilon_total": epsilon, "delta_total": delta_total})
     return out
 
 
@@ -154,11 +179,18 @@ def processing_record(session: Session, job_id: str) -> dict[str, Any]:
     stated = config.get("processing") if isinstance(config.get("processing"), dict) else {}
     statuses = dict(session.execute(select(Round.status, func.count()).where(Round.job_id == job_id)
                                     .group_by(Round.status)).all())
-    spent = session.execute(select(PrivacyLedgerEntry.client_id, func.sum(PrivacyLedgerEntry.epsilon),
-                                   func.count()).where(PrivacyLedgerEntry.job_id == job_id,
-                                                       PrivacyLedgerEntry.kind == "record_level")
-                            .group_by(PrivacyLedgerEntry.client_id)).all()
-    contributed = {client_id: (float(eps), int(n)) for client_id, eps, n in spent}
+    entries = session.execute(select(PrivacyLedgerEntry).where(PrivacyLedgerEntry.job_id == job_id,
+                                                               PrivacyLedgerEntry.kind == "record_level")
+                              .order_by(PrivacyLedgerEntry.id)).scalars().all()
+    by_client: dict[str, list[PrivacyLedgerEntry]] = defaultdict(list)
+    for e in entries:
+        by_client[e.client_id].append(e)
+    delta = _job_delta(config)
+    # every attempt the client signed for, composed; rounds: the ones its update was aggregated in
+    contributed = {client_id: (total_spend([_spend_row(e.epsilon, e.delta, e.sample_rate, e.noise_multiplier,
+                                                       e.steps, e.accountant) for e in rows], delta)[0],
+                               sum(1 for e in rows if e.status == "committed"))
+                   for client_id, rows in by_client.items()}
     listed = list(config.get("clients") or [])
     client_ids = sorted(set(listed) | set(contributed))
     clients = {c.id: c for c in session.execute(select(Client).where(Client.id.in_(client_ids))).scalars()}
@@ -196,12 +228,13 @@ def _safeguards(config: Mapping[str, Any], stated: Mapping[str, Any]) -> list[st
     out = []
     if privacy.get("target_epsilon") is not None:
         out.append(f"record-level differential privacy at each client (DP-SGD): target epsilon "
-                   f"{privacy['target_epsilon']}, delta {privacy.get('delta', NOT_STATED)} per round")
+                   f"{privacy['target_epsilon']}, delta {privacy.get('delta', NOT_STATED)} for the whole job (every "
+                   f"round's noise calibrated so that all rounds together stay within it)")
     else:
         out.append("record-level differential privacy: no target epsilon in the job config")
     if config.get("max_client_epsilon") is not None:
-        out.append(f"per-client budget for this job: epsilon <= {config['max_client_epsilon']} (basic composition); "
-                   f"each agent also enforces its own lifetime budget")
+        out.append(f"per-client budget for this job: epsilon <= {config['max_client_epsilon']} (every signed "
+                   f"attempt composed by the accountant); each agent also enforces its own lifetime budget")
     if aggregation.get("noise_multiplier"):
         out.append(f"client-level differential privacy on the coordinator ({aggregation.get('method')}, noise "
                    f"multiplier {aggregation['noise_multiplier']}, clip norm {aggregation.get('clip_norm')})")

@@ -19,6 +19,10 @@ from fedtune.compliance.reports import (
 )
 from fedtune.coordinator.rounds import run_job
 from fedtune.coordinator.store import AuditEvent, Job
+from fedtune_testing.accounting import reference_epsilon
+
+MECH = (0.1, 1.1, 5)  # what the honest agents sign (tests/compliance/conftest.py)
+TWO_ROUNDS = reference_epsilon([MECH, MECH], 1e-5)
 
 
 @pytest.fixture
@@ -45,14 +49,18 @@ def test_lineage_of_the_last_version(ran):
     assert clients["bank-b"]["records"] == 400
     assert clients["bank-b"]["epsilon_per_round"] == [{"round": 1, "epsilon": 2.0, "delta": 1e-5},
                                                       {"round": 2, "epsilon": 2.0, "delta": 1e-5}]
-    assert clients["bank-b"]["epsilon_total"] == 4.0  # per client, over its two rounds; never across clients
+    # per client, its two rounds composed (signed mechanism q 0.1, sigma 1.1, 5 steps each) at the job's
+    # delta, not the sum of the two signed 2.0s; never across clients
+    assert clients["bank-b"]["epsilon_total"] == pytest.approx(TWO_ROUNDS, rel=1e-9)
+    assert clients["bank-b"]["delta_total"] == 1e-5
     markdown = report_markdown(report)
     assert "# Lineage of job-1 adapter version 2" in markdown and "| bank-b | bank | 1, 2 | 400 |" in markdown
     assert json.loads(json.dumps(report)) == report  # JSON as it stands
 
     with ran() as s:
         v1 = adapter_lineage(s, "job-1", 1)
-    assert [v["version"] for v in v1["versions"]] == [1, 0] and v1["clients"][0]["epsilon_total"] == 2.0
+    assert [v["version"] for v in v1["versions"]] == [1, 0]
+    assert v1["clients"][0]["epsilon_total"] == pytest.approx(reference_epsilon([MECH], 1e-5), rel=1e-9)
 
 
 def test_record_of_processing(ran):
@@ -65,9 +73,10 @@ def test_record_of_processing(ran):
     assert report["status"] == "completed" and report["rounds"] == {"completed": 2, "failed": 0}
     assert report["adapter_versions"] == 3
     assert [(p["client_id"], p["org"], p["rounds_contributed"], p["epsilon_spent"]) for p in report["parties"]] == \
-        [("bank-a", "bank", 2, 4.0), ("bank-b", "bank", 2, 4.0), ("hospital-c", "hospital", 2, 4.0)]
+        [("bank-a", "bank", 2, pytest.approx(TWO_ROUNDS, rel=1e-9)), ("bank-b", "bank", 2, pytest.approx(TWO_ROUNDS)),
+         ("hospital-c", "hospital", 2, pytest.approx(TWO_ROUNDS))]
     safeguards = "\n".join(report["safeguards"])
-    assert "target epsilon 4.0, delta 1e-05" in safeguards and "epsilon <= 10.0" in safeguards
+    assert "target epsilon 4.0, delta 1e-05 for the whole job" in safeguards and "epsilon <= 10.0" in safeguards
     assert "L2 norm above 1.0" in safeguards
     markdown = report_markdown(report)
     assert "| purpose | fraud-memo classification |" in markdown and "| retention | 365 days |" in markdown
