@@ -278,7 +278,7 @@ def train_local(
 ) -> None:
     """Fine-tune LoRA adapters alone, with differential privacy, within the dataset's lifetime budget."""
     # torch, peft and Opacus load here, not when any `fedtune` command starts
-    from fedtune.client_agent.data import DataError, data_digest, load_records
+    from fedtune.client_agent.data import DataError, count_records, data_digest, load_records
     from fedtune.client_agent.lora import LoraSettings
     from fedtune.client_agent.privacy import PrivacyConfig, PrivacyError
     from fedtune.client_agent.training import TrainConfig, plan_training, train_dp_lora
@@ -288,7 +288,7 @@ def train_local(
     if out.exists() and any(out.iterdir()):
         raise _fail(f"{out} is not empty; choose a new directory for the adapter")
     try:
-        records = load_records(data)
+        num_records = count_records(data)  # the budget is checked before any record is read
         train_cfg = TrainConfig(batch_size=batch_size, physical_batch_size=physical_batch_size, steps=steps,
                                 epochs=epochs, lr=lr, max_len=max_len, seed=seed, device=device)
         privacy_cfg = PrivacyConfig(target_epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm,
@@ -296,7 +296,7 @@ def train_local(
         targets = {"target_modules": tuple(t.strip() for t in target_modules.split(",") if t.strip())} \
             if target_modules else {}
         settings = LoraSettings(rank=rank, alpha=2.0 * rank, expert_lora=expert_lora, ffa=ffa, seed=seed, **targets)
-        plan = plan_training(len(records), train_cfg, privacy_cfg)
+        plan = plan_training(num_records, train_cfg, privacy_cfg)
     except (DataError, PrivacyError, ValueError) as e:
         raise _fail(str(e)) from e
 
@@ -312,12 +312,13 @@ def train_local(
             console.print(f"privacy plan: epsilon={plan.epsilon:.4g} (target {epsilon}), delta={delta}, "
                           f"sigma={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g}, {plan.steps} steps")
         try:
+            records = load_records(data)
             model = load_pretrained(base, device=device)
             tokenizer = load_tokenizer(base)
             columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
             with Progress(*columns, console=console) as bar:
-                task = bar.add_task("train", total=plan.steps if plan else train_cfg.planned_steps(len(records)),
+                task = bar.add_task("train", total=plan.steps if plan else train_cfg.planned_steps(num_records),
                                     loss="-")
 
                 def progress(step: int, total: int, loss: float | None) -> None:

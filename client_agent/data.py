@@ -96,6 +96,21 @@ def load_records(path: str | Path) -> list[Record]:
     return records
 
 
+def count_records(path: str | Path) -> int:
+    """How many records ``path`` holds (its non-blank lines), without reading any of them: what the
+    privacy plan needs before the budget check; :func:`load_records` then validates them.
+
+    Raises:
+        DataError: the file cannot be read.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError as e:
+        raise DataError(path, f"cannot read the file ({e.strerror})") from e
+
+
 class EncodedRecord(NamedTuple):
     """Token ids [T] and labels [T] (IGNORE_INDEX where no loss is taken) of one record."""
 

@@ -72,11 +72,22 @@ def test_train_local_writes_peft_adapter_and_report_and_settles_the_ledger(setup
         assert len(ledger.runs("memos")) == 2
 
 
-def test_bad_data_line_is_named_and_nothing_is_reserved(setup):
+def test_bad_data_line_is_named_and_nothing_is_spent(setup):
     tmp_path, data, state = setup
     data.write_text(data.read_text() + '{"prompt": "x"}\n')
     result = _train(tmp_path, data, state, tmp_path / "out", 1.0)
     assert result.exit_code == 2 and ":41" in result.output.replace("line ", ":")
+    with PrivacyLedger(state / "privacy_ledger.db") as ledger:  # the reservation was released
+        assert [r["status"] for r in ledger.runs("memos")] == ["failed"]
+        assert ledger.spent("memos").epsilon == 0.0
+
+
+def test_a_run_past_the_lifetime_budget_is_refused_before_any_record_is_read(setup):
+    """The budget check comes first: with records that would fail validation, the refusal is the budget's."""
+    tmp_path, data, state = setup
+    data.write_text(data.read_text() + '{"prompt": "x"}\n')
+    result = _train(tmp_path, data, state, tmp_path / "out", 20.0)  # the budget is 5
+    assert result.exit_code == 3 and "refusing to train" in result.output and ":41" not in result.output
     with PrivacyLedger(state / "privacy_ledger.db") as ledger:
         assert ledger.runs("memos") == []
 
