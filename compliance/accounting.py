@@ -74,7 +74,13 @@ def composed_epsilon(history: Iterable[Mechanism], delta: float, accountant: str
         raise AccountingError(f"accountant {accountant!r} is not supported; choose one of {ACCOUNTANTS}")
     if not 0 < delta < 1:
         raise AccountingError(f"delta {delta} is not in (0, 1)")
-    entries = [(m.noise_multiplier, m.sample_rate, m.steps) for m in history if m.steps > 0]
+    # The same (sigma, q) twice composes as one entry with the steps added (exact for RDP and PRV):
+    # a job's rounds usually share their mechanism, so the accountant sees a few entries, not one a round.
+    merged: dict[tuple[float, float], int] = {}
+    for m in history:
+        if m.steps > 0:
+            merged[(m.noise_multiplier, m.sample_rate)] = merged.get((m.noise_multiplier, m.sample_rate), 0) + m.steps
+    entries = [(sigma, q, steps) for (sigma, q), steps in merged.items()]
     if not entries:
         return 0.0
     from opacus.accountants import create_accountant  # heavy import: only where something is accounted

@@ -16,7 +16,12 @@ ROUND_ACTIONS = {
     "round.completed": "a round produced an adapter version (accepted / rejected / refused / missing clients)",
     "round.failed": "a round ended without a version (quorum lost, no clients, aggregation failed)",
     "update.accepted": "a client's update passed validation and was aggregated",
-    "update.rejected": "a client's reply failed validation (reason code names the check)",
+    "update.rejected": "a reply failed validation (reason code names the check); recorded against the client when "
+                       "it signed the reply, else against the node that sent it",
+    "update.rejected_beyond_cap": "a node sent more unsigned replies in a round than are recorded one by one (the "
+                                  "count)",
+    "client.suspended": "the strike policy suspended a client from a job (too many rejected signed updates)",
+    "discovery.refused": "a node's hello claimed a client registered to another node, or an ambiguous one",
     "update.refused": "a client agent refused to train (budget, base digest, config)",
     "update.missing": "a selected client did not reply before the round's timeout",
     "adapter_version.created": "a new adapter version was written (digest, parent, contributors)",

@@ -29,6 +29,17 @@ crash lost: its agent trained, nothing was committed). One row per (job, client,
 of an attempt already booked adds nothing. Failed rounds write their rows too, so the coordinator
 never counts less than the agents spent.
 
+Hostile input: every value a reply carries is checked against its domain (and the store column it
+lands in) by validation before anything is written. A reply whose claimed client's signature did
+not verify (forged, unregistered, undecodable, a Flower error) is recorded against the Flower node
+that sent it and the round, never against the client it names, and at most
+:data:`UNSIGNED_RECORDS_PER_NODE` such records per node per round (then one record with the count).
+A commit that fails anyway (a value the store refuses) fails the round, audited, and the job goes
+on. Once the quorum has replied, stragglers get ``straggler_grace_s`` (a job setting), not the
+whole ``round_timeout_s``. Strike policy (``strikes``): a client with that many signed updates
+rejected within that many rounds is suspended from the job (audited; not selected until an operator
+lifts it through the admin API).
+
 Crash safety: nothing is written before step 7, and step 7 is one transaction. A crash before
 the commit leaves the before-state (plus, at most, a blob file no row names: an orphan that
 :func:`collect_orphan_blobs` deletes at start-up); a crash after it leaves the after-state. The
@@ -49,6 +60,8 @@ Job config (``jobs.config``, JSON) read here::
      "norm_bound": 10.0, "round_timeout_s": 600, "max_failed_rounds": 3,
      "max_client_epsilon": null, "client_level_delta": 1e-5,
      "declared_records": {"bank-a": 512, ...},                          # optional, per client
+     "straggler_grace_s": 30,                                           # wait after the quorum replied
+     "strikes": {"rejections": 3, "within_rounds": 5},                  # null: no strike policy
      "train": {"lora": {...}, "train": {...}, "privacy": {...}}}        # sent to agents, plus "rounds"
 """
 
@@ -71,8 +84,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from fedtune.compliance.accounting import SpendRow, composed_epsilon, total_spend
+from fedtune.compliance.accounting import AccountingError, Mechanism, SpendRow, composed_epsilon, total_spend
 from fedtune.compliance.wire import (
+    ACCOUNTANTS,
     Attempt,
     Refusal,
     TrainInstruction,
@@ -94,6 +108,7 @@ from fedtune.coordinator.store import (
     AdapterVersion,
     Client,
     Job,
+    JobSuspension,
     PrivacyLedgerEntry,
     Round,
     Update,
@@ -106,6 +121,7 @@ from fedtune.coordinator.validation import (
     Refused,
     RegisteredClient,
     Rejected,
+    RejectReason,
     RoundExpectation,
     attempt_mechanism,
     signed_spend,
@@ -122,6 +138,15 @@ SERVER_STATE_PREFIX = "fedtune.server_state/"
 
 Reply = TrainReply | Refusal | Rejected
 FAILPOINT_ENV = "FEDTUNE_FAILPOINT"
+UNSIGNED_RECORDS_PER_NODE = 3  # audit records of unsigned rejections per node per round; the rest are counted
+
+
+@dataclass(frozen=True)
+class FromNode:
+    """A reply as the transport received it, with the Flower node that sent it (None: not known)."""
+
+    reply: Reply
+    node_id: int | None = None
 
 
 def _failpoint(name: str) -> None:
@@ -146,9 +171,11 @@ class RoundTransport(Protocol):
         """Client ids of the agents reachable now (their own claim; replies are still verified)."""
         ...
 
-    def train(self, instruction: TrainInstruction, client_ids: list[str], timeout_s: float) -> list[Reply]:
+    def train(self, instruction: TrainInstruction, client_ids: list[str], timeout_s: float, *,
+              quorum: int | None = None, grace_s: float | None = None) -> list[Reply | FromNode]:
         """Send ``instruction`` to each client and return the decoded replies that arrived in time
-        (undecodable ones as :class:`Rejected`), in arrival order."""
+        (undecodable ones as :class:`Rejected`), in arrival order, each with its sending node when the
+        transport knows it. Once ``quorum`` updates are in, wait at most ``grace_s`` for the rest."""
         ...
 
 
@@ -179,6 +206,8 @@ class JobPlan:
     client_level_delta: float
     train: dict[str, Any]
     declared_records: dict[str, int] = field(default_factory=dict)
+    straggler_grace_s: float = 30.0
+    strikes: tuple[int, int] | None = (3, 5)  # (rejections, within rounds)
 
     @property
     def max_epsilon(self) -> float | None:
@@ -217,6 +246,8 @@ class JobPlan:
                 client_level_delta=float(config.get("client_level_delta", 1e-5)),
                 train=dict(config.get("train", {})),
                 declared_records={str(k): int(v) for k, v in (config.get("declared_records") or {}).items()},
+                straggler_grace_s=float(config.get("straggler_grace_s", 30.0)),
+                strikes=_strikes(config.get("strikes", {"rejections": 3, "within_rounds": 5})),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"job config is not usable by the round engine: {e!r}") from e
@@ -227,6 +258,15 @@ class JobPlan:
 
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _strikes(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    strikes = (int(value["rejections"]), int(value["within_rounds"]))
+    if strikes[0] < 1 or strikes[1] < 1:
+        raise ValueError(f"strikes: rejections and within_rounds must be >= 1, got {value}")
+    return strikes
 
 
 @dataclass
@@ -243,6 +283,7 @@ class RoundResult:
     rejected: list[tuple[str | None, str]] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    discovery_refused: list[tuple[int, str, str]] = field(default_factory=list)  # (node, claimed id, why)
     timings: dict[str, float] = field(default_factory=dict)
     client_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     upload_bytes: dict[str, int] = field(default_factory=dict)
@@ -376,10 +417,13 @@ def registered_clients(s: Session) -> dict[str, RegisteredClient]:
 def ledger_spend_row(e: PrivacyLedgerEntry) -> SpendRow:
     """A ledger row as the accountant sees it: its mechanism when all of it was recorded (signed rows
     always), else its own (epsilon, delta)."""
-    attempt = Attempt(round=0, nonce=b"", sample_rate=e.sample_rate or 0.0, noise_multiplier=e.noise_multiplier or 0.0,
-                      steps=e.steps or 0, accountant=e.accountant or "", delta=e.delta or 0.0)
-    known = None not in (e.sample_rate, e.noise_multiplier, e.steps, e.accountant)
-    return SpendRow(attempt_mechanism(attempt) if known else None, e.epsilon, e.delta, e.accountant)
+    mechanism = None
+    if None not in (e.sample_rate, e.noise_multiplier, e.steps) and e.accountant in ACCOUNTANTS:
+        try:
+            mechanism = Mechanism(e.sample_rate, e.noise_multiplier, e.steps)
+        except AccountingError:
+            mechanism = None
+    return SpendRow(mechanism, e.epsilon, e.delta, e.accountant)
 
 
 def composed_client_spend(entries: Iterable[PrivacyLedgerEntry], delta: float) -> float:
@@ -398,14 +442,23 @@ def client_epsilon_spent(s: Session, job_id: str, delta: float) -> dict[str, flo
     return {client_id: composed_client_spend(entries, delta) for client_id, entries in by_client.items()}
 
 
-def eligible_clients(plan: JobPlan, clients: Mapping[str, RegisteredClient], spent: Mapping[str, float]) -> list[str]:
-    """Registered, active, in the job's list (if it has one), with record-level budget left
-    (composed spend below the job's ``max_client_epsilon``; the agent calibrates the round within it)."""
+def suspended_clients(s: Session, job_id: str) -> set[str]:
+    """Clients the strike policy suspended from the job and no operator has reinstated."""
+    return set(s.execute(select(JobSuspension.client_id).where(JobSuspension.job_id == job_id,
+                                                               JobSuspension.lifted_at.is_(None))).scalars())
+
+
+def eligible_clients(plan: JobPlan, clients: Mapping[str, RegisteredClient], spent: Mapping[str, float],
+                     suspended: Iterable[str] = ()) -> list[str]:
+    """Registered, active, in the job's list (if it has one), not suspended from the job, with
+    record-level budget left (composed spend below the job's ``max_client_epsilon``; the agent
+    calibrates the round within it)."""
     wanted = plan.clients if plan.clients is not None else tuple(sorted(clients))
+    suspended = set(suspended)
     out = []
     for client_id in wanted:
         client = clients.get(client_id)
-        if client is None or client.status != "active":
+        if client is None or client.status != "active" or client_id in suspended:
             continue
         if plan.max_client_epsilon is not None and spent.get(client_id, 0.0) >= plan.max_client_epsilon - 1e-12:
             continue
@@ -442,7 +495,8 @@ def _load_round_start(ctx: CoordinatorContext, job_id: str) -> _RoundStart:
         if parent is None:
             raise RoundEngineError(f"job {job_id!r} has no adapter version 0; create it with create_initial_version")
         clients = registered_clients(s)
-        eligible = eligible_clients(plan, clients, client_epsilon_spent(s, job_id, plan.delta))
+        spent = client_epsilon_spent(s, job_id, plan.delta) if plan.max_client_epsilon is not None else {}
+        eligible = eligible_clients(plan, clients, spent, suspended_clients(s, job_id))
         current, server_state = read_version_blob(ctx, parent)
         start = _RoundStart(job_id=job_id, plan=plan, base_digest=job.base_digest,
                             number=_next_round_number(s, job_id), parent=parent, current=current,
@@ -464,19 +518,23 @@ def run_round(ctx: CoordinatorContext, job_id: str, transport: RoundTransport) -
     result = RoundResult(job_id=job_id, number=start.number, status="failed")
     started_at = datetime.now(UTC)
     connected = transport.connected_clients()
+    # a transport that binds hello claims to registered nodes says which claims it refused (audited below)
+    result.discovery_refused = list(getattr(transport, "discovery_refusals", ()))
     result.selected = [c for c in start.eligible if c in connected]
     nonce = new_nonce()
     if len(result.selected) < plan.min_clients:
         result.failure_reason = "not_enough_clients"
         result.timings["load_s"] = time.perf_counter() - t0
-        _commit_failed(ctx, start, result, nonce, started_at, outcomes=[], spend=[],
+        _commit_failed(ctx, start, result, nonce, started_at, _Received([], {}), spend=[],
                        message=f"{len(result.selected)} eligible and connected clients, the job needs "
                                f"{plan.min_clients}")
         return result
     instruction = TrainInstruction(job_id=job_id, round=start.number, nonce=nonce, base_digest=start.base_digest,
                                    config=plan.instruction_config(), adapter=start.current)
     t1 = time.perf_counter()
-    replies = transport.train(instruction, result.selected, plan.round_timeout_s)
+    received = [r if isinstance(r, FromNode) else FromNode(r) for r in transport.train(
+        instruction, result.selected, plan.round_timeout_s, quorum=plan.min_clients, grace_s=plan.straggler_grace_s)]
+    replies, nodes = [f.reply for f in received], [f.node_id for f in received]
     t2 = time.perf_counter()
     _failpoint("round.replies_received")
     expected = RoundExpectation(job_id=job_id, round=start.number, nonce=nonce, base_digest=start.base_digest,
@@ -484,6 +542,7 @@ def run_round(ctx: CoordinatorContext, job_id: str, transport: RoundTransport) -
                                 batch_size=plan.batch_size, declared_records=plan.declared_records)
     outcomes = validate_replies(replies, expected=expected, clients=start.clients)
     spend = _signed_spend(replies, outcomes, start)
+    received_from = dict(zip(map(id, outcomes), nodes, strict=True))  # outcome -> sending node
     t3 = time.perf_counter()
     _classify(outcomes, result)
     result.missing = [c for c in result.selected if c not in _answered(outcomes)]
@@ -491,7 +550,7 @@ def run_round(ctx: CoordinatorContext, job_id: str, transport: RoundTransport) -
     accepted = [o for o in outcomes if isinstance(o, Accepted)]
     if len(accepted) < plan.min_clients:
         result.failure_reason = "quorum_not_met"
-        _commit_failed(ctx, start, result, nonce, started_at, outcomes, spend,
+        _commit_failed(ctx, start, result, nonce, started_at, _Received(outcomes, received_from), spend,
                        message=f"{len(accepted)} accepted updates, the job needs {plan.min_clients}")
         return result
     try:
@@ -501,18 +560,29 @@ def run_round(ctx: CoordinatorContext, job_id: str, transport: RoundTransport) -
                                current=start.current, config=plan.aggregation, server_state=start.server_state)
     except AggregationError as e:
         result.failure_reason = "aggregation_failed"
-        _commit_failed(ctx, start, result, nonce, started_at, outcomes, spend, message=str(e))
+        _commit_failed(ctx, start, result, nonce, started_at, _Received(outcomes, received_from), spend,
+                       message=str(e))
         return result
     capped = {a.client_id: weights[a.client_id] for a in accepted if weights[a.client_id] < a.records}
     t4 = time.perf_counter()
     result.timings["aggregate_s"] = t4 - t3
-    _commit_completed(ctx, start, result, nonce, started_at, outcomes, spend, accepted, aggregated, capped)
+    try:
+        _commit_completed(ctx, start, result, nonce, started_at, _Received(outcomes, received_from), spend, accepted,
+                          aggregated, capped)
+    except (JobStopped, RoundEngineError):
+        raise
+    except Exception as e:  # a value the store refused: the round fails, the job goes on
+        log.exception("job %s round %d: the commit failed; recording the round as failed", job_id, start.number)
+        result.failure_reason = "commit_failed"
+        _commit_failed(ctx, start, result, nonce, started_at, _Received(outcomes, received_from), spend,
+                       message=f"{type(e).__name__}: {str(e)[:300]}")
     result.timings["persist_s"] = time.perf_counter() - t4
     return result
 
 
 def _answered(outcomes: Iterable[Outcome]) -> set[str]:
-    return {o.client_id for o in outcomes if o.client_id is not None}
+    """Clients whose own (signed) reply arrived: a forgery in a client's name does not answer for it."""
+    return {o.client_id for o in outcomes if o.client_id is not None and (not isinstance(o, Rejected) or o.signed)}
 
 
 def _classify(outcomes: list[Outcome], result: RoundResult) -> None:
@@ -524,6 +594,17 @@ def _classify(outcomes: list[Outcome], result: RoundResult) -> None:
             result.refused.append((o.client_id, str(o.reason_code)))
         else:
             result.rejected.append((o.client_id, str(o.reason_code)))
+
+
+@dataclass(frozen=True)
+class _Received:
+    """The round's validation outcomes and, per outcome, the node that sent its reply."""
+
+    outcomes: list[Outcome]
+    node_of: dict[int, int | None]  # id(outcome) -> node id
+
+    def node(self, outcome: Outcome) -> int | None:
+        return self.node_of.get(id(outcome))
 
 
 @dataclass(frozen=True)
@@ -584,8 +665,40 @@ def _write_spend(s: Session, start: _RoundStart, rnd: Round, spend: list[_Signed
             accountant=a.accountant if known else None))
 
 
+# Rejections that count as strikes: the client's own update for this round, signed and bound, refused
+# for what it is (a norm, a claim, a tensor), not for where it arrived from.
+STRIKE_REASONS = tuple(str(r) for r in RejectReason if Rejected(None, r, "").authenticated)
+
+
+def _apply_strikes(s: Session, start: _RoundStart, rnd: Round, offenders: list[str]) -> None:
+    """Suspend each offender with ``rejections`` strikes within the last ``within_rounds`` rounds."""
+    if start.plan.strikes is None or not offenders:
+        return
+    limit, window = start.plan.strikes
+    already = suspended_clients(s, start.job_id)
+    for client_id in sorted(set(offenders) - already):
+        count = s.execute(select(func.count()).select_from(Update).join(Round, Update.round_id == Round.id).where(
+            Round.job_id == start.job_id, Round.number > start.number - window, Update.client_id == client_id,
+            Update.status == "rejected", Update.reason_code.in_(STRIKE_REASONS))).scalar_one()
+        if count >= limit:
+            reason = f"{count} signed updates rejected within the last {window} rounds (limit {limit})"
+            s.add(JobSuspension(job_id=start.job_id, client_id=client_id, reason=reason))
+            _audit(s, "client.suspended", "client", client_id, "success", "strikes", job_id=start.job_id,
+                   round=start.number, client_id=client_id, rejections=count, within_rounds=window, limit=limit)
+            log.warning("job %s: client %s suspended (%s)", start.job_id, client_id, reason)
+
+
 def _round_resource(job_id: str, number: int) -> str:
     return f"{job_id}/{number}"
+
+
+def _node_resource(start: _RoundStart, node: int | None) -> str:
+    return f"{_round_resource(start.job_id, start.number)}/node/{node if node is not None else 'unknown'}"
+
+
+def _claim(client_id: str | None) -> str | None:
+    """A claimed client id as the audit trail keeps it: anything, so at most 64 characters of it."""
+    return None if client_id is None else (client_id if len(client_id) <= 64 else client_id[:61] + "...")
 
 
 def _audit(s: Session, action: str, resource_type: str, resource_id: str, outcome: str,
@@ -595,7 +708,7 @@ def _audit(s: Session, action: str, resource_type: str, resource_id: str, outcom
 
 
 def _write_round(s: Session, start: _RoundStart, result: RoundResult, nonce: bytes, started_at: datetime,
-                 outcomes: list[Outcome], spend: list[_SignedAttempt], failure: str | None) -> Round:
+                 received: _Received, spend: list[_SignedAttempt], failure: str | None) -> Round:
     """The round row, update rows, the record-level ledger rows and one audit event per reply
     (inside the caller's transaction)."""
     job = s.get(Job, start.job_id)
@@ -612,8 +725,8 @@ def _write_round(s: Session, start: _RoundStart, result: RoundResult, nonce: byt
     s.flush()
     _write_spend(s, start, rnd, spend, round_failed=failure is not None)
     base = {"job_id": start.job_id, "round": start.number}
-    for o in outcomes:
-        registered = o.client_id is not None and o.client_id in start.clients
+    unsigned: dict[int | None, int] = {}  # node -> unsigned rejections seen this round
+    for o in received.outcomes:
         res_id = f"{_round_resource(start.job_id, start.number)}/{o.client_id}"
         if isinstance(o, Accepted):
             s.add(Update(round_id=rnd.id, client_id=o.client_id, status="accepted", digest=o.digest,
@@ -625,12 +738,26 @@ def _write_round(s: Session, start: _RoundStart, result: RoundResult, nonce: byt
                          message=o.message[:2000]))
             _audit(s, "update.refused", "update", res_id, "failure", str(o.reason_code), **base,
                    client_id=o.client_id, message=o.message[:500])
-        else:
-            if registered:  # updates.client_id is a foreign key: unknown ids are in the audit trail only
-                s.add(Update(round_id=rnd.id, client_id=o.client_id, status="rejected",
-                             reason_code=str(o.reason_code), message=o.message[:2000]))
+        elif o.signed:  # the client's own signed reply (a replay, a bad update): its record
+            s.add(Update(round_id=rnd.id, client_id=o.client_id, status="rejected",
+                         reason_code=str(o.reason_code), message=o.message[:2000]))
             _audit(s, "update.rejected", "update", res_id, "failure", str(o.reason_code), **base,
                    client_id=o.client_id, message=o.message[:500])
+        else:  # nothing in it is the claimed client's word: recorded against the node that sent it
+            node = received.node(o)
+            unsigned[node] = unsigned.get(node, 0) + 1
+            if unsigned[node] <= UNSIGNED_RECORDS_PER_NODE:
+                _audit(s, "update.rejected", "node", _node_resource(start, node), "failure", str(o.reason_code),
+                       **base, node_id=node, claimed_client_id=_claim(o.client_id), message=o.message[:500])
+    _apply_strikes(s, start, rnd, [o.client_id for o in received.outcomes
+                                   if isinstance(o, Rejected) and o.authenticated and o.client_id in start.clients])
+    for node, claimed, why in result.discovery_refused[:100]:
+        _audit(s, "discovery.refused", "node", _node_resource(start, node), "failure", "claim_refused", **base,
+               node_id=node, claimed_client_id=_claim(claimed), message=why)
+    for node, count in unsigned.items():
+        if count > UNSIGNED_RECORDS_PER_NODE:
+            _audit(s, "update.rejected_beyond_cap", "node", _node_resource(start, node), "failure", "cap", **base,
+                   node_id=node, count=count - UNSIGNED_RECORDS_PER_NODE, cap=UNSIGNED_RECORDS_PER_NODE)
     for client_id in result.missing:
         _audit(s, "update.missing", "update", f"{_round_resource(start.job_id, start.number)}/{client_id}",
                "failure", "timeout", **base, client_id=client_id)
@@ -638,12 +765,31 @@ def _write_round(s: Session, start: _RoundStart, result: RoundResult, nonce: byt
 
 
 def _commit_failed(ctx: CoordinatorContext, start: _RoundStart, result: RoundResult, nonce: bytes,
-                   started_at: datetime, outcomes: list[Outcome], spend: list[_SignedAttempt], message: str) -> None:
+                   started_at: datetime, received: _Received, spend: list[_SignedAttempt], message: str) -> None:
+    """The failed round in one transaction; if the store refuses it, again without the per-reply rows,
+    then without the spend too (a round row and its audit record are always written)."""
     result.status = "failed"
     t = time.perf_counter()
+    attempts = ((received, spend), (_Received([], {}), spend), (_Received([], {}), []))
+    for i, (rec, spent) in enumerate(attempts):
+        try:
+            _write_failed(ctx, start, result, nonce, started_at, rec, spent, message)
+            break
+        except (JobStopped, RoundEngineError):
+            raise
+        except Exception:  # try again with less; the last attempt's error propagates
+            if i == len(attempts) - 1:
+                raise
+            log.exception("job %s round %d: the store refused the failed round's rows; retrying with fewer",
+                          start.job_id, start.number)
+    result.timings["persist_s"] = time.perf_counter() - t
+
+
+def _write_failed(ctx: CoordinatorContext, start: _RoundStart, result: RoundResult, nonce: bytes,
+                  started_at: datetime, received: _Received, spend: list[_SignedAttempt], message: str) -> None:
     with ctx.sessions.begin() as s:
-        _write_round(s, start, result, nonce, started_at, outcomes, spend,
-                     failure=f"{result.failure_reason}: {message}")
+        _write_round(s, start, result, nonce, started_at, received, spend,
+                     failure=f"{result.failure_reason}: {message}"[:2000])
         _audit(s, "round.failed", "round", _round_resource(start.job_id, start.number), "failure",
                result.failure_reason, job_id=start.job_id, round=start.number, message=message,
                selected=result.selected, accepted=result.accepted, missing=result.missing)
@@ -652,7 +798,6 @@ def _commit_failed(ctx: CoordinatorContext, start: _RoundStart, result: RoundRes
             job.status, job.finished_at = "failed", datetime.now(UTC)
             _audit(s, "job.failed", "job", start.job_id, "failure", "too_many_failed_rounds",
                    job_id=start.job_id, max_failed_rounds=start.plan.max_failed_rounds)
-    result.timings["persist_s"] = time.perf_counter() - t
 
 
 def _consecutive_failures(s: Session, job_id: str) -> int:
@@ -666,7 +811,7 @@ def _consecutive_failures(s: Session, job_id: str) -> int:
 
 
 def _commit_completed(ctx: CoordinatorContext, start: _RoundStart, result: RoundResult, nonce: bytes,
-                      started_at: datetime, outcomes: list[Outcome], spend: list[_SignedAttempt],
+                      started_at: datetime, received: _Received, spend: list[_SignedAttempt],
                       accepted: list[Accepted], aggregated: Any, capped: dict[str, float]) -> None:
     plan, job_id = start.plan, start.job_id
     version = start.parent.version + 1
@@ -678,7 +823,7 @@ def _commit_completed(ctx: CoordinatorContext, start: _RoundStart, result: Round
     result.status = "completed"
     try:
         with ctx.sessions.begin() as s:
-            rnd = _write_round(s, start, result, nonce, started_at, outcomes, spend, failure=None)
+            rnd = _write_round(s, start, result, nonce, started_at, received, spend, failure=None)
             contributors = [{"client_id": a.client_id, "records": a.records, "epsilon": a.epsilon, "delta": a.delta,
                              "digest": a.digest} for a in accepted]
             losses = [(a.metrics.get("loss"), a.records) for a in accepted]

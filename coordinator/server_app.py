@@ -8,7 +8,15 @@ Config comes from the SuperLink's environment (inherited by ``flwr-serverapp``) 
 * ``FEDTUNE_COORDINATOR_KEY_FILE`` (optional): the Ed25519 key that signs an audit checkpoint after
   every round (``fedtune.compliance.checkpoints``);
 * run config ``job-id`` (``flwr run ... --run-config "job-id='job-1'"``), or ``FEDTUNE_JOB_ID``;
-* run config ``node-wait-s`` (default 60): how long to wait for SuperNodes to connect.
+* run config ``node-wait-s`` (default 60): how long to wait for SuperNodes to connect;
+* run config ``poll-s`` (default 0.5): how often replies are pulled (Flower's own ``send_and_receive``
+  sleeps 3 s between pulls).
+
+Identity at discovery is bound to what the coordinator registered (:func:`bind_hellos`): with node
+authentication the Flower node id in the store is the truth, and a hello claiming a client from
+another node is refused (the round engine audits it). Replies are collected by :func:`collect_replies`:
+once the quorum's replies are in, stragglers get the job's grace period; Flower error replies come
+back as ``transport_error`` rejections with their text, from their node.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -25,7 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.compliance.checkpoints import configured_coordinator_key
 from fedtune.compliance.wire import TrainInstruction, instruction_to_record_dict
 from fedtune.coordinator.encryption import load_blob_key
-from fedtune.coordinator.rounds import CoordinatorContext, Reply, run_job
+from fedtune.coordinator.rounds import CoordinatorContext, FromNode, Reply, run_job
 from fedtune.coordinator.store import create_session_factory, create_store_engine
 from fedtune.coordinator.validation import Rejected, RejectReason, decode_reply
 
@@ -37,15 +46,112 @@ DISCOVERY_TIMEOUT_S = 60.0
 app = ServerApp()
 
 
-class FlowerTransport:
-    """The round engine's transport over a Flower Grid: discovery by a ``query`` hello, train messages
-    to the nodes whose agents claimed the selected client ids."""
+def bind_hellos(hellos: Iterable[tuple[int, str | None]],
+                registered: Mapping[str, int | None]) -> tuple[dict[str, int], list[tuple[int, str, str]]]:
+    """Which node speaks for which client, from the nodes' hello claims and the store's registrations.
 
-    def __init__(self, grid: Grid, *, expected_nodes: int = 1, node_wait_s: float = 60.0) -> None:
+    Args:
+        hellos: ``(node id, claimed client id)`` per answering node (None: no usable claim).
+        registered: the store's Flower node id per registered client (None: no node registered,
+            i.e. no node authentication for it).
+    Returns:
+        ``(node_of, refusals)``: the client -> node mapping to send to, and ``(node, claimed id, why)``
+        for every claim not taken. A client with a registered node is reached at that node only, and
+        only if that node claims it; a claim from any other node is refused. Without a registered node
+        the claim is taken unless two nodes claim the same id (then neither is).
+    """
+    claims: dict[str, list[int]] = {}
+    refusals: list[tuple[int, str, str]] = []
+    for node, claimed in hellos:
+        if not isinstance(claimed, str):
+            continue
+        if claimed not in registered:
+            refusals.append((node, claimed, "not a registered client"))
+            continue
+        bound = registered[claimed]
+        if bound is not None and bound != node:
+            refusals.append((node, claimed, "the client is registered to another Flower node"))
+            continue
+        claims.setdefault(claimed, []).append(node)
+    node_of = {}
+    for claimed, nodes in claims.items():
+        if len(nodes) == 1:
+            node_of[claimed] = nodes[0]
+        else:
+            refusals.extend((n, claimed, f"claimed by {len(nodes)} nodes and none registered") for n in nodes)
+    return node_of, refusals
+
+
+def collect_replies(grid: Grid, messages: list[Message], *, timeout_s: float, quorum: int | None = None,
+                    grace_s: float | None = None, poll_s: float = 0.5, counts: Callable[[Message], bool] | None = None,
+                    clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                    ) -> list[Message]:
+    """Push ``messages`` and pull replies every ``poll_s`` until all arrived, ``timeout_s`` passed, or
+    ``grace_s`` passed since ``quorum`` replies that ``counts`` (default: every reply) were in."""
+    pending = set(grid.push_messages(messages))
+    deadline = clock() + timeout_s
+    replies: list[Message] = []
+    counted = 0
+    while pending:
+        for reply in grid.pull_messages(pending):
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            if counts is None or counts(reply):
+                counted += 1
+                if quorum is not None and grace_s is not None and counted == quorum:
+                    deadline = min(deadline, clock() + grace_s)
+        if not pending or clock() >= deadline:
+            break
+        sleep(poll_s)
+    return replies
+
+
+def _is_update(reply: Message) -> bool:
+    """A reply that may count toward the quorum: a train reply, not an error or a refusal."""
+    from fedtune.compliance.wire import REPLY_KEY
+
+    return not reply.has_error() and REPLY_KEY in reply.content.config_records
+
+
+def interpret_replies(pulled: Iterable[Message], node_of: Mapping[str, int]) -> tuple[list[FromNode], dict[str, int]]:
+    """Flower reply messages as the round engine's replies, each with its sending node; and the bytes
+    each client uploaded. A Flower error becomes a ``transport_error`` rejection with its text; a reply
+    for a client from another node than the client's is rejected (a relayed genuine reply)."""
+    client_at = {node: c for c, node in node_of.items()}
+    replies: list[FromNode] = []
+    upload: dict[str, int] = {}
+    for reply in pulled:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            text = f"Flower error {reply.error.code}: {str(reply.error.reason)[:500]}"
+            log.warning("node %s answered with an error: %s", node, text)
+            replies.append(FromNode(Rejected(client_at.get(node), RejectReason.TRANSPORT_ERROR, text), node))
+            continue
+        decoded = decode_reply(reply.content)
+        claimed = getattr(decoded, "client_id", None)
+        if claimed is not None and node_of.get(claimed) not in (None, node):
+            decoded = Rejected(claimed, RejectReason.MALFORMED, f"reply for {claimed!r:.80} came from node {node}, "
+                                                                 f"not its node")
+        if claimed is not None and not isinstance(decoded, Rejected):
+            arrays = reply.content.array_records
+            upload[claimed] = sum(len(a.data) for rec in arrays.values() for a in rec.values())
+        replies.append(FromNode(decoded, node))
+    return replies, upload
+
+
+class FlowerTransport:
+    """The round engine's transport over a Flower Grid: discovery by a ``query`` hello bound to the
+    store's node registrations, train messages to the nodes of the selected clients."""
+
+    def __init__(self, grid: Grid, *, expected_nodes: int = 1, node_wait_s: float = 60.0, poll_s: float = 0.5,
+                 registered_nodes: Callable[[], Mapping[str, int | None]] = dict) -> None:
         self.grid = grid
         self.expected_nodes = expected_nodes
         self.node_wait_s = node_wait_s
+        self.poll_s = poll_s
+        self.registered_nodes = registered_nodes
         self.node_of: dict[str, int] = {}
+        self.discovery_refusals: list[tuple[int, str, str]] = []
         self.last_upload_bytes: dict[str, int] = {}
         self.upload_by_round: dict[int, dict[str, int]] = {}
 
@@ -61,44 +167,41 @@ class FlowerTransport:
         nodes = self._wait_for_nodes()
         messages = [Message(RecordDict({HELLO_KEY: ConfigRecord({"hello": True})}), dst_node_id=node,
                             message_type=MessageType.QUERY) for node in nodes]
-        self.node_of = {}
-        for reply in self.grid.send_and_receive(messages, timeout=DISCOVERY_TIMEOUT_S):
+        hellos = []
+        for reply in collect_replies(self.grid, messages, timeout_s=DISCOVERY_TIMEOUT_S, poll_s=self.poll_s):
             if reply.has_error() or HELLO_KEY not in reply.content.config_records:
                 log.warning("node %s did not answer the hello: %s", reply.metadata.src_node_id,
                             reply.error if reply.has_error() else "no hello record")
                 continue
-            client_id = reply.content.config_records[HELLO_KEY].get("client_id")
-            if not isinstance(client_id, str):
-                continue
-            if client_id in self.node_of:  # two nodes claim one id: neither is trusted with it
-                log.warning("client id %r claimed by nodes %s and %s", client_id, self.node_of[client_id],
-                            reply.metadata.src_node_id)
-            self.node_of[client_id] = reply.metadata.src_node_id
+            hellos.append((reply.metadata.src_node_id, reply.content.config_records[HELLO_KEY].get("client_id")))
+        self.node_of, self.discovery_refusals = bind_hellos(hellos, self.registered_nodes())
+        for node, claimed, why in self.discovery_refusals:
+            log.warning("node %s claims client %.64r: refused (%s)", node, claimed, why)
         return set(self.node_of)
 
-    def train(self, instruction: TrainInstruction, client_ids: list[str], timeout_s: float) -> list[Reply]:
+    def train(self, instruction: TrainInstruction, client_ids: list[str], timeout_s: float, *,
+              quorum: int | None = None, grace_s: float | None = None) -> list[Reply | FromNode]:
         content = instruction_to_record_dict(instruction)
         messages = [Message(content, dst_node_id=self.node_of[c], message_type=MessageType.TRAIN,
                             group_id=str(instruction.round)) for c in client_ids if c in self.node_of]
-        replies: list[Reply] = []
-        self.last_upload_bytes = {}
-        for reply in self.grid.send_and_receive(messages, timeout=timeout_s):
-            if reply.has_error():
-                log.warning("node %s answered with an error: %s", reply.metadata.src_node_id, reply.error)
-                continue
-            decoded = decode_reply(reply.content)
-            claimed = getattr(decoded, "client_id", None)
-            if claimed is not None and self.node_of.get(claimed) not in (None, reply.metadata.src_node_id):
-                # a node answering for another node's client: validation would also catch a forged
-                # signature, but a relayed genuine reply is rejected here
-                decoded = Rejected(claimed, RejectReason.MALFORMED,
-                                   f"reply for {claimed!r} came from node {reply.metadata.src_node_id}, not its node")
-            if claimed is not None and not isinstance(decoded, Rejected):
-                arrays = reply.content.array_records
-                self.last_upload_bytes[claimed] = sum(len(a.data) for rec in arrays.values() for a in rec.values())
-            replies.append(decoded)
+        pulled = collect_replies(self.grid, messages, timeout_s=timeout_s, quorum=quorum, grace_s=grace_s,
+                                 poll_s=self.poll_s, counts=_is_update)
+        replies, self.last_upload_bytes = interpret_replies(pulled, self.node_of)
         self.upload_by_round[instruction.round] = dict(self.last_upload_bytes)
         return replies
+
+
+def registered_nodes(ctx: CoordinatorContext) -> Callable[[], dict[str, int | None]]:
+    """Read, at each discovery, every registered client's Flower node id from the store."""
+    from sqlalchemy import select
+
+    from fedtune.coordinator.store import Client
+
+    def read() -> dict[str, int | None]:
+        with ctx.sessions() as s:
+            return dict(s.execute(select(Client.id, Client.flower_node_id)).all())
+
+    return read
 
 
 def context_from_env() -> CoordinatorContext:
@@ -128,7 +231,9 @@ def main(grid: Grid, context: Context) -> None:
         plan = JobPlan.from_config(job.config) if job is not None else None
     expected = len(plan.clients) if plan and plan.clients else int(context.run_config.get("expected-nodes", 1))
     transport = FlowerTransport(grid, expected_nodes=expected,
-                                node_wait_s=float(context.run_config.get("node-wait-s", 60)))
+                                node_wait_s=float(context.run_config.get("node-wait-s", 60)),
+                                poll_s=float(context.run_config.get("poll-s", 0.5)),
+                                registered_nodes=registered_nodes(ctx))
     results = run_job(ctx, job_id, transport, run_id=str(grid.run.run_id) if hasattr(grid, "run") else None)
     for r in results:
         r.upload_bytes = transport.upload_by_round.get(r.number, {})

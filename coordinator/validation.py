@@ -35,6 +35,7 @@ from fedtune.compliance.accounting import AccountingError, Mechanism
 from fedtune.compliance.signing import KeyFormatError, decode_public_key
 from fedtune.compliance.wire import (
     ACCOUNTANTS,
+    NONCE_BYTES,
     PROTOCOL_VERSION,
     Attempt,
     ProtocolVersionError,
@@ -65,6 +66,7 @@ class RejectReason(StrEnum):
     EPSILON_OVER_TARGET = "epsilon_over_target"
     RECORDS_OVER_DECLARED = "records_over_declared"
     MECHANISM_MISMATCH = "mechanism_mismatch"
+    TRANSPORT_ERROR = "transport_error"
     BAD_METRICS = "bad_metrics"
     WRONG_TENSORS = "wrong_tensors"
     WRONG_SHAPE = "wrong_shape"
@@ -78,8 +80,16 @@ class RejectReason(StrEnum):
 _UNAUTHENTICATED_REASONS = frozenset({
     RejectReason.MALFORMED, RejectReason.PROTOCOL_VERSION, RejectReason.UNKNOWN_CLIENT,
     RejectReason.REVOKED_CLIENT, RejectReason.BAD_SIGNATURE, RejectReason.WRONG_JOB, RejectReason.WRONG_ROUND,
-    RejectReason.WRONG_NONCE, RejectReason.WRONG_BASE, RejectReason.DUPLICATE,
+    RejectReason.WRONG_NONCE, RejectReason.WRONG_BASE, RejectReason.DUPLICATE, RejectReason.TRANSPORT_ERROR,
 })
+# Reasons found before the claimed client's signature was verified: nothing in such a reply is the
+# client's word, so it is recorded against the node that sent it, never against the client it names.
+_UNSIGNED_REASONS = frozenset({
+    RejectReason.MALFORMED, RejectReason.PROTOCOL_VERSION, RejectReason.UNKNOWN_CLIENT,
+    RejectReason.REVOKED_CLIENT, RejectReason.BAD_SIGNATURE, RejectReason.TRANSPORT_ERROR,
+})
+# Metrics a reply may carry besides its signed receipt, each with its domain (finite, >= 0 where a count).
+METRIC_KEYS = frozenset({"loss", "records", "train_seconds"})
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,12 @@ class Rejected:
     def authenticated(self) -> bool:
         """The reply was signed by the client and bound to this round: it counts as their reply."""
         return self.reason_code not in _UNAUTHENTICATED_REASONS
+
+    @property
+    def signed(self) -> bool:
+        """The claimed client's signature verified (the reply may still be bound to another round):
+        the rejection can be recorded against that client. Otherwise only the sending node is known."""
+        return self.reason_code not in _UNSIGNED_REASONS
 
 
 Outcome = Accepted | Refused | Rejected
@@ -297,6 +313,14 @@ def _check_claims(reply: TrainReply, expected: RoundExpectation) -> tuple[Reject
             f"steps >= 1, an accountant of {ACCOUNTANTS} and 0 < delta < 1")
     if expected.max_epsilon is not None and eps > expected.max_epsilon:
         return RejectReason.EPSILON_OVER_TARGET, f"epsilon {eps:.6g} exceeds the round's target {expected.max_epsilon}"
+    extra = sorted(set(reply.metrics) - METRIC_KEYS)
+    if extra:
+        return RejectReason.BAD_METRICS, (f"unknown metrics {[k[:40] for k in extra[:5]]}; a reply carries "
+                                          f"{sorted(METRIC_KEYS)}")
+    seconds = reply.metrics.get("train_seconds", 0.0)
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not (
+            math.isfinite(seconds) and seconds >= 0):
+        return RejectReason.BAD_METRICS, f"train_seconds {seconds!r} is not a finite number >= 0"
     records, loss = reply.metrics.get("records"), reply.metrics.get("loss")
     if records != receipt.records or not 1 <= receipt.records <= MAX_COUNT:
         return RejectReason.BAD_METRICS, (f"records: metrics say {records!r}, the signed receipt says "
@@ -340,7 +364,7 @@ def attempt_mechanism(attempt: Attempt) -> Mechanism | None:
     counts the store can hold), else None."""
     if attempt.accountant not in ACCOUNTANTS or not (math.isfinite(attempt.delta) and 0 < attempt.delta < 1):
         return None
-    if not (0 <= attempt.round <= MAX_COUNT and 1 <= attempt.steps <= MAX_COUNT):
+    if not (0 <= attempt.round <= MAX_COUNT and 1 <= attempt.steps <= MAX_COUNT and len(attempt.nonce) == NONCE_BYTES):
         return None
     try:
         return Mechanism(attempt.sample_rate, attempt.noise_multiplier, attempt.steps)

@@ -149,6 +149,22 @@ class RetiredFlowerNode(Base):
     unregistered_at: Mapped[datetime | None]
 
 
+class JobSuspension(Base):
+    """A client suspended from a job by the strike policy (``strikes`` in the job config: too many of
+    its signed updates rejected within a window of rounds). While ``lifted_at`` is NULL the round
+    engine does not select the client for the job; an operator lifts it (admin API), audited."""
+
+    __tablename__ = "job_suspensions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    client_id: Mapped[str] = mapped_column(ForeignKey("clients.id"), index=True)
+    reason: Mapped[str] = mapped_column(String(500))
+    suspended_at: Mapped[datetime] = mapped_column(default=utc_now)
+    lifted_at: Mapped[datetime | None]
+    lifted_by: Mapped[str | None] = mapped_column(String(200))
+
+
 class ApiToken(Base):
     """An admin-API bearer token; only its hash is stored."""
 

@@ -98,8 +98,10 @@ def test_each_malicious_reply_is_rejected_and_audited_and_the_round_completes(ct
         assert [e.reason_code for e in audits] == [reason]
         assert audits[0].context["round"] == 1
         rows = s.execute(select(Update).where(Update.status == "rejected")).scalars().all()
-        # unknown or unreadable ids cannot have update rows (foreign key): the audit trail has them
-        assert len(rows) == (0 if reason in ("unknown_client", "malformed") else 1)
+        # a reply the claimed client did not sign is recorded against its node, never as that client's update
+        unsigned = reason in ("unknown_client", "malformed", "bad_signature", "revoked_client")
+        assert len(rows) == (0 if unsigned else 1)
+        assert audits[0].resource_type == ("node" if unsigned else "update")
 
 
 def test_replay_of_a_previous_round_and_a_duplicate_are_rejected(ctx):
@@ -193,7 +195,7 @@ def test_a_concurrent_version_discards_the_round(ctx, monkeypatch):
     transport = FakeTransport()
     real_train = transport.train
 
-    def train_then_other_coordinator_commits(ins, ids, timeout):
+    def train_then_other_coordinator_commits(ins, ids, timeout, **_):
         replies = real_train(ins, ids, timeout)
         run_round(ctx, "job-1", FakeTransport())  # another coordinator appends version 1 meanwhile
         return replies

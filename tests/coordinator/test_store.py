@@ -27,7 +27,7 @@ from fedtune.coordinator.store import (
 from fedtune.coordinator.store.models import RetiredFlowerNode
 
 TABLES = {"clients", "api_tokens", "jobs", "rounds", "updates", "adapter_versions", "privacy_ledger",
-          "audit_events", "audit_checkpoints", "retired_flower_nodes"}
+          "audit_events", "audit_checkpoints", "retired_flower_nodes", "job_suspensions"}
 
 
 def _seed(session) -> Round:
@@ -49,7 +49,7 @@ def test_migration_creates_exactly_the_orm_schema(engine):
 def test_upgrade_is_idempotent(engine):
     upgrade_database(engine)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0004"
 
 
 def _seed_client_job_round(conn, *, round_id: int, number: int, status: str) -> None:

@@ -53,7 +53,7 @@ class FakeTransport:
     def connected_clients(self):
         return set(self.clients)
 
-    def train(self, instruction, client_ids, timeout_s):
+    def train(self, instruction, client_ids, timeout_s, **_):
         self.instructions.append(instruction)
         replies = []
         for client in client_ids:
