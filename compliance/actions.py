@@ -49,6 +49,8 @@ API_ACTIONS = {
     "job.resume": "resume a paused job",
     "job.abort": "abort a job",
     "round.list": "list a job's rounds",
+    "suspension.list": "list the clients the strike policy suspended from a job",
+    "suspension.lift": "lift a client's suspension from a job (it is selected again)",
     "adapter.list": "list a job's adapter versions",
     "adapter.get": "read one adapter version's metadata",
     "adapter.lineage": "read an adapter version's lineage",

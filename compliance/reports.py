@@ -20,6 +20,8 @@ pseudonymous id and organization, never a person.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -240,6 +242,8 @@ def _safeguards(config: Mapping[str, Any], stated: Mapping[str, Any]) -> list[st
                    f"multiplier {aggregation['noise_multiplier']}, clip norm {aggregation.get('clip_norm')})")
     if config.get("norm_bound") is not None:
         out.append(f"updates with an L2 norm above {config['norm_bound']} are rejected")
+    elif config.get("norm_bound_opt_out"):
+        out.append("no bound on update norms: the job's creator chose \"none\" explicitly (audited at creation)")
     out += [
         "only adapter updates leave a client; each is signed (Ed25519) and bound to job, round, nonce and base model",
         "adapter versions encrypted at rest (AES-256-GCM), SHA-256 digests in the store",
@@ -254,14 +258,56 @@ def _safeguards(config: Mapping[str, Any], stated: Mapping[str, Any]) -> list[st
 
 # ---------------------------------------------------------------------------------------------
 # Markdown
+#
+# Report text is partly the operators' (client org and name, purpose, legal basis, data categories)
+# and the Markdown is rendered by an auditor's viewer, so every value is escaped for that format and
+# reads as the text it is, never as markup: HTML's & < > become entities (no tags, no <javascript:...>
+# autolinks); Markdown's [ ] (links, images), * _ ~ (emphasis), ` (code), # (headings), | (table
+# cells) and \ are backslash-escaped, as is a list marker opening a list item's text; bidirectional
+# controls (U+202A-U+202E, U+2066-U+2069, and the marks U+200E, U+200F, U+061C), which make text
+# display in another order than it is stored, and other control characters are shown as <U+202E>;
+# line breaks become spaces.
+
+_HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+_MARKDOWN_SYNTAX = frozenset("\\`*_[]|~#")
+_BIDI_CONTROLS = frozenset(map(chr, (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)))
+_LINE_BREAKS = frozenset("\r\n\t\v\f\x85\u2028\u2029")
+_LIST_MARKER = re.compile(r"^(\d{1,9})([.)])(?=\s|$)|^([-+])(?=\s|$)")
+_CODE_SAFE = re.compile(r"[A-Za-z0-9:._/+=-]*")
+
+
+def _text(value: Any, *, block: bool = False) -> str:
+    """``value`` as Markdown that renders as exactly its text (see above); ``block``: it opens a list
+    item or quote, where a leading ``-``, ``+`` or ``1.`` would start a nested list."""
+    out = []
+    for ch in str(value):
+        if ch in _HTML_ENTITIES:
+            out.append(_HTML_ENTITIES[ch])
+        elif ch in _MARKDOWN_SYNTAX:
+            out.append("\\" + ch)
+        elif ch in _LINE_BREAKS:
+            out.append(" ")
+        elif ch in _BIDI_CONTROLS or unicodedata.category(ch) == "Cc":
+            out.append(f"&lt;U+{ord(ch):04X}&gt;")
+        else:
+            out.append(ch)
+    text = "".join(out)
+    return _LIST_MARKER.sub(lambda m: f"{m[1]}\\{m[2]}" if m[1] else f"\\{m[3]}", text) if block else text
+
+
+def _code(value: Any) -> str:
+    """A digest or id as inline code; anything else as escaped text (a code span cannot be escaped)."""
+    text = str(value)
+    return f"`{text}`" if _CODE_SAFE.fullmatch(text) else _text(text)
 
 
 def _cell(value: Any) -> str:
+    """A table cell: ``-`` for None, floats to 6 significant digits, anything else escaped (:func:`_text`)."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.6g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return _text(value)
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
@@ -270,13 +316,13 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def lineage_markdown(report: Mapping[str, Any]) -> str:
-    """The lineage report as Markdown."""
-    lines = [f"# Lineage of {report['job_id']} adapter version {report['version']}", "",
-             f"- adapter digest: `{report['digest']}`", f"- base model digest: `{report['base_digest']}`",
-             f"- generated at: {report['generated_at']}", "", "## Versions (newest first)", ""]
+    """The lineage report as Markdown (every value escaped for Markdown)."""
+    lines = [f"# Lineage of {_text(report['job_id'])} adapter version {_text(report['version'])}", "",
+             f"- adapter digest: {_code(report['digest'])}", f"- base model digest: {_code(report['base_digest'])}",
+             f"- generated at: {_text(report['generated_at'])}", "", "## Versions (newest first)", ""]
     lines += _table(["version", "parent", "round", "aggregation", "digest", "created", "audit seq", "contributors"],
                     [[v["version"], v["parent_version"], v["round"], v["aggregation"], v["digest"], v["created_at"],
-                      v["audit_seq"], ", ".join(c["client_id"] for c in v["contributors"]) or "-"]
+                      v["audit_seq"], ", ".join(c["client_id"] for c in v["contributors"]) or None]
                      for v in report["versions"]])
     lines += ["", "## Clients", ""]
     lines += _table(["client", "org", "rounds", "records", "epsilon per round", "epsilon total", "delta total"],
@@ -288,16 +334,16 @@ def lineage_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "## Client-level DP (coordinator)", ""]
         lines += _table(["round", "epsilon", "delta", "noise multiplier"],
                         [[r, d["epsilon"], d["delta"], d["noise_multiplier"]] for r, d in central])
-    lines += ["", *(f"> {note}" for note in report["notes"]), ""]
+    lines += ["", *(f"> {_text(note, block=True)}" for note in report["notes"]), ""]
     return "\n".join(lines)
 
 
 def processing_markdown(report: Mapping[str, Any]) -> str:
-    """The record of processing as Markdown."""
+    """The record of processing as Markdown (every value escaped for Markdown)."""
     categories = report["data_categories"]
-    lines = [f"# Record of processing: job {report['job_id']}", "",
-             f"- generated at: {report['generated_at']}; job status: {report['status']} "
-             f"(created {report['created_at']}, finished {report['finished_at'] or '-'})", "",
+    lines = [f"# Record of processing: job {_text(report['job_id'])}", "",
+             f"- generated at: {_text(report['generated_at'])}; job status: {_text(report['status'])} "
+             f"(created {_text(report['created_at'])}, finished {_text(report['finished_at'] or '-')})", "",
              "| item | value |", "|---|---|"]
     for label, value in [("purpose", report["purpose"]), ("legal basis", report["legal_basis"]),
                          ("data categories", ", ".join(categories) if isinstance(categories, list) else categories),
@@ -312,7 +358,7 @@ def processing_markdown(report: Mapping[str, Any]) -> str:
     lines += _table(["client", "org", "status", "listed in job", "rounds contributed", "epsilon spent"],
                     [[p["client_id"], p["org"], p["status"], "yes" if p["listed_in_job"] else "no",
                       p["rounds_contributed"], p["epsilon_spent"]] for p in report["parties"]])
-    lines += ["", "## Safeguards", "", *(f"- {s}" for s in report["safeguards"]), ""]
+    lines += ["", "## Safeguards", "", *(f"- {_text(s, block=True)}" for s in report["safeguards"]), ""]
     return "\n".join(lines)
 
 

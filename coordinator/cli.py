@@ -9,6 +9,14 @@ reachable from other sites: the admin API and the fleet gateway; both serve HTTP
 coordinator's certificate when TLS is configured. Settings come from options or a TOML file
 (``--config``; options win); keys the coordinator needs and does not find are generated once into
 ``DATA_DIR/keys`` (mode 0600).
+
+The admin API's HTTP server (:func:`admin_api_server_options`) bounds what a client that never
+finishes can hold: each request (head and body) must arrive in full within
+``request_read_timeout_s`` of the connection opening or the previous response
+(:class:`RequestReadTimeoutProtocol`; uvicorn has no such timeout of its own), idle keep-alive
+connections close after ``keep_alive_timeout_s``, and a request head is at most 16 KiB. Its client
+address is the TCP peer's: ``X-Forwarded-For`` is read only from the ``trusted_proxies`` listed
+(none by default), so no local process can write another origin into the audit trail.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from fedtune.coordinator.http_limits import MAX_REQUEST_HEAD_BYTES, request_read_timeout_protocol
+
 if TYPE_CHECKING:
     from fedtune.coordinator.tls import TlsFiles
 
@@ -38,6 +48,7 @@ token_app = typer.Typer(help="Admin-API bearer tokens (printed once, stored hash
 app.add_typer(token_app, name="token")
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
+log = logging.getLogger(__name__)
 
 DATABASE_ENV = "FEDTUNE_DATABASE_URL"
 DatabaseUrl = Annotated[str | None, typer.Option(help=f"Store URL (SQLite or PostgreSQL); default ${DATABASE_ENV} or "
@@ -70,6 +81,27 @@ class ServeConfig:
     supernode_auth: bool = False
     blob_key_file: Path | None = None
     signing_key_file: Path | None = None
+    trusted_proxies: list[str] = field(default_factory=list)
+    request_read_timeout_s: float = 30.0
+    keep_alive_timeout_s: int = 5
+
+    def check_http_settings(self) -> None:
+        """Raises ValueError naming a bad ``trusted_proxies`` entry or timeout."""
+        if not isinstance(self.trusted_proxies, list):
+            raise ValueError(f"trusted_proxies: {self.trusted_proxies!r} is not a list of IP addresses or networks")
+        for name in ("request_read_timeout_s", "keep_alive_timeout_s"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int | float):
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not a number of seconds")
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except (TypeError, ValueError):
+                raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or network (e.g. 10.0.0.5 or "
+                                 f"10.0.0.0/24); list only the reverse proxies in front of the admin API") from None
+        if not 0 < self.request_read_timeout_s <= 3600:
+            raise ValueError(f"request_read_timeout_s: {self.request_read_timeout_s} is not in (0, 3600] seconds")
+        if not 0 < self.keep_alive_timeout_s <= 3600:
+            raise ValueError(f"keep_alive_timeout_s: {self.keep_alive_timeout_s} is not in (0, 3600] seconds")
 
     @classmethod
     def from_toml(cls, path: Path) -> ServeConfig:
@@ -138,6 +170,20 @@ def _write_signing_key(path: Path) -> None:
     save_private_key(path, generate_signing_key())
 
 
+def admin_api_server_options(cfg: ServeConfig) -> dict[str, Any]:
+    """The uvicorn settings the admin API runs with (see the module docstring): request read timeout,
+    keep-alive timeout, request head limit, and ``X-Forwarded-For`` from ``cfg.trusted_proxies`` only.
+
+    Raises:
+        ValueError: a bad ``trusted_proxies`` entry or timeout (:meth:`ServeConfig.check_http_settings`).
+    """
+    cfg.check_http_settings()
+    return {"http": request_read_timeout_protocol(cfg.request_read_timeout_s),
+            "timeout_keep_alive": cfg.keep_alive_timeout_s, "h11_max_incomplete_event_size": MAX_REQUEST_HEAD_BYTES,
+            "proxy_headers": bool(cfg.trusted_proxies), "forwarded_allow_ips": list(cfg.trusted_proxies),
+            "log_level": "warning"}
+
+
 def _sessions(url: str):
     from fedtune.coordinator.migrations import upgrade_database
     from fedtune.coordinator.store import create_session_factory, create_store_engine
@@ -163,6 +209,9 @@ def serve(
     superlink_port: Annotated[int | None, typer.Option(
         help="The SuperLink's port, on 127.0.0.1 only; 0 picks a free one (default 9091).")] = None,
     no_superlink: Annotated[bool, typer.Option(help="Serve the API only (no SuperLink, no job runs).")] = False,
+    trusted_proxy: Annotated[list[str] | None, typer.Option(
+        help="A reverse proxy (IP or network) whose X-Forwarded-For names the client in the audit trail "
+             "(repeatable; default none: the TCP peer is the client).")] = None,
 ) -> None:
     """Serve the admin API, the Flower SuperLink behind its fleet gateway, and a Flower run per running job.
 
@@ -182,6 +231,8 @@ def serve(
             setattr(cfg, name, value)
     if base:
         cfg.bases = list(base)
+    if trusted_proxy:
+        cfg.trusted_proxies = list(trusted_proxy)
     if no_superlink:
         cfg.superlink = False
     try:
@@ -206,6 +257,7 @@ def run_coordinator(cfg: ServeConfig) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tls = cfg.tls_files()
+    server_options = admin_api_server_options(cfg)
     data = cfg.data_dir.resolve()
     data.mkdir(parents=True, exist_ok=True)
     blob_key_file = _key_file(cfg.blob_key_file, data / "keys" / "blob.key", _write_blob_key)
@@ -226,7 +278,7 @@ def run_coordinator(cfg: ServeConfig) -> None:
         if cfg.superlink:
             _start_flower(cfg, data, env, ctx, tls, running)
         api = ThreadedServer.start(create_app(settings), name="admin API", host=cfg.host, port=cfg.port, tls=tls,
-                                   log_level="warning")
+                                   **server_options)
         running.callback(api.stop)
         console.print(f"admin API on {api.url()}/api/v1 (OpenAPI: /docs)")
         api.wait()
@@ -346,8 +398,9 @@ def token_list(database_url: DatabaseUrl = None, data_dir: DataDir = DEFAULT_DAT
     from sqlalchemy import select
 
     from fedtune.coordinator.store import ApiToken
+    from fedtune.coordinator.store.engine import read_session_factory
 
-    with _sessions(ServeConfig(data_dir=data_dir, database_url=database_url).url())() as s:
+    with read_session_factory(_sessions(ServeConfig(data_dir=data_dir, database_url=database_url).url()))() as s:
         for t in s.execute(select(ApiToken).order_by(ApiToken.id)).scalars():
             state = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "active"
             console.print(f"{t.id:>4}  {t.role:<9} {state:<24} {escape(t.name)}")

@@ -41,11 +41,15 @@ import uvicorn
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fedtune.coordinator.http_limits import MAX_REQUEST_HEAD_BYTES, request_read_timeout_protocol
 from fedtune.coordinator.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
 MAX_FLEET_BODY_BYTES = 256 * 1024 * 1024
+# Each fleet request must arrive in full within this many seconds (an adapter upload over a slow link
+# included); a connection that never finishes its request is closed.
+FLEET_READ_TIMEOUT_S = 120.0
 """The largest request body forwarded; Flower's object pushes are chunks far below it."""
 UPSTREAM_TIMEOUT = httpx.Timeout(300.0, connect=5.0)
 FLEET_PATH = re.compile(r"^/v1/fleet/[a-z-]+$")
@@ -87,6 +91,7 @@ class FleetGateway:
         ca_cert: the CA that signed the SuperLink's certificate; None when the SuperLink runs
             ``--insecure`` (plain HTTP on loopback).
         max_body_bytes: larger request bodies get 413.
+        read_timeout_s: each request must arrive in full within this (else the connection is closed).
     """
 
     def __init__(self, superlink_port: int, *, ca_cert: Path | None = None,
@@ -259,7 +264,8 @@ def _listen(name: str, host: str, port: int) -> socket.socket:
 
 
 def start_fleet_gateway(*, host: str, port: int, superlink_port: int, tls: TlsFiles | None = None,
-                        max_body_bytes: int = MAX_FLEET_BODY_BYTES) -> ThreadedServer:
+                        max_body_bytes: int = MAX_FLEET_BODY_BYTES,
+                        read_timeout_s: float = FLEET_READ_TIMEOUT_S) -> ThreadedServer:
     """Serve a :class:`FleetGateway` on ``host:port`` in a daemon thread.
 
     Args:
@@ -277,6 +283,8 @@ def start_fleet_gateway(*, host: str, port: int, superlink_port: int, tls: TlsFi
         RuntimeError: the address cannot be bound, or the server did not start.
     """
     app = FleetGateway(superlink_port, ca_cert=tls.ca_cert if tls else None, max_body_bytes=max_body_bytes)
-    # proxy_headers off: X-Forwarded-* from the internet says nothing; the SuperLink logs who connected here
+    # proxy_headers off: X-Forwarded-* from the internet says nothing; the SuperLink logs who connected here.
     return ThreadedServer.start(app, name="fleet gateway", host=host, port=port, tls=tls, lifespan="on",
-                                log_level="warning", access_log=False, proxy_headers=False, server_header=False)
+                                log_level="warning", access_log=False, proxy_headers=False, server_header=False,
+                                http=request_read_timeout_protocol(read_timeout_s), timeout_keep_alive=5,
+                                h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)

@@ -3,13 +3,20 @@
 Every request under ``/api/v1`` leaves exactly one audit record, allowed or denied:
 
 * a change is recorded by its handler inside the transaction that makes it (both commit or neither);
-* everything else (reads, denials, 4xx, a crash) is recorded after the response, in its own
-  transaction, with the outcome taken from the status code.
+* everything else (reads, denials, 4xx, a crash) is recorded once the response is ready, in a
+  short write transaction of its own, with the outcome taken from the status code; the response
+  leaves only after that record committed (no read is served unaudited).
+
+Reads do not take the store's write lock: the token lookup and every handler that only reads use
+:func:`read_session` (a deferred transaction: on SQLite in WAL mode one snapshot, concurrent with
+writers). Handlers that write use ``ctx.sessions.begin()`` (``BEGIN IMMEDIATE`` on SQLite). So a
+read waits for a writer only for its one-row audit append, not for its lookups and queries.
 
 Not audited: ``/healthz`` (liveness probes would drown the trail) and the OpenAPI document.
 
 A request is matched to its route (and so to its action) before it runs, so the body-size limit
-and authorization are decided in one place, before any handler sees the request.
+and authorization are decided in one place, before any handler sees the request. Every response
+carries ``X-Content-Type-Options: nosniff`` (:class:`SecurityHeaders`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import re
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,7 +34,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -35,6 +43,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from fedtune.coordinator.api.auth import Actor, allowed, authenticate
 from fedtune.coordinator.rounds import CoordinatorContext
 from fedtune.coordinator.store import append_audit_event
+from fedtune.coordinator.store.engine import read_session_factory
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +73,20 @@ class ApiSettings:
     max_body_bytes: int = 1 << 20
     requests: Counter = field(default_factory=Counter)  # (action, outcome) -> count, for /metrics
 
+    @cached_property
+    def read_sessions(self) -> sessionmaker[Session]:
+        """Sessions on ``ctx``'s store whose transactions begin deferred: for requests that only read."""
+        return read_session_factory(self.ctx.sessions)
+
 
 def settings_of(request: Request) -> ApiSettings:
     return request.app.state.settings
+
+
+def read_session(request: Request) -> Session:
+    """A session for a handler that only reads (``with read_session(request) as s:``): its transaction
+    begins deferred, so it neither waits for nor blocks a writer. Never write through it."""
+    return settings_of(request).read_sessions()
 
 
 def actor_of(request: Request) -> Actor:
@@ -118,8 +138,8 @@ class BodyLimit:
             size, more = 0, True
             while more:
                 message = await receive()
-                if message["type"] != "http.request":
-                    break
+                if message["type"] != "http.request":  # the client left (or timed out) mid-body: no request
+                    return
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > self.max_bytes:
@@ -140,6 +160,30 @@ class BodyLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+class SecurityHeaders:
+    """Add the headers every response carries: ``X-Content-Type-Options: nosniff``, so that a browser
+    never takes a JSON or Markdown body (operator-supplied text in it) for HTML or script."""
+
+    HEADERS = ((b"x-content-type-options", b"nosniff"),)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        names = {name for name, _ in self.HEADERS}
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                message = {**message, "headers": [*headers, *self.HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
@@ -209,12 +253,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
             response = _error(500, f"internal error; request id {request.state.request_id}")
         return await _finish(settings, request, response, resource_type, None)
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # outermost: runs before the audit
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # runs before the audit
+    app.add_middleware(SecurityHeaders)  # outermost: on every response, errors included
     return app
 
 
 def _authenticate(settings: ApiSettings, header: str | None) -> tuple[Actor | None, str | None]:
-    with settings.ctx.sessions() as s:
+    with settings.read_sessions() as s:
         return authenticate(s, header)
 
 

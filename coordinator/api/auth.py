@@ -41,6 +41,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "job.resume": ADMIN_OPERATOR,
     "job.abort": ADMIN_OPERATOR,
     "round.list": ALL,
+    "suspension.list": ALL,
+    "suspension.lift": ADMIN_OPERATOR,
     "adapter.list": ALL,
     "adapter.get": ALL,
     "adapter.lineage": ALL,

@@ -16,17 +16,18 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import func, select
 
 from fedtune.compliance.actions import ACTIONS
-from fedtune.coordinator.api.app import API_PREFIX, record_change, settings_of
+from fedtune.coordinator.api.app import API_PREFIX, read_session, record_change, settings_of
 from fedtune.coordinator.api.routes_federation import ERRORS, Limit, Offset, paginate
 from fedtune.coordinator.api.schemas import (
     ID_PATTERN,
     INT32_MAX,
-    RFC3339,
     AuditEventOut,
     AuditExportIn,
     CheckpointOut,
+    Instant,
     Page,
     VerifyOut,
+    parse_instant,
 )
 from fedtune.coordinator.store import AdapterVersion, AuditCheckpoint, AuditEvent, Client, Job, Round, Update
 
@@ -46,10 +47,8 @@ def query_events(
     resource_type: Annotated[str | None, Query(pattern=r"^[a-z_]{1,32}$")] = None,
     job_id: Annotated[str | None, Query(pattern=ID_PATTERN, description="records whose context names this job")]
     = None,
-    since: Annotated[str | None, Query(pattern=RFC3339, description="occurred at or after (RFC 3339, with a "
-                                                                    "time zone)")] = None,
-    until: Annotated[str | None, Query(pattern=RFC3339, description="occurred before (RFC 3339, with a time zone)")]
-    = None,
+    since: Annotated[Instant | None, Query(description="occurred at or after (RFC 3339, with a time zone)")] = None,
+    until: Annotated[Instant | None, Query(description="occurred before (RFC 3339, with a time zone)")] = None,
     from_seq: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,
 ) -> dict[str, Any]:
     """Audit records in sequence order, filtered."""
@@ -67,7 +66,7 @@ def query_events(
     if job_id is not None:  # the job's own records and those whose context names it
         query = query.where((AuditEvent.context["job_id"].as_string() == job_id)
                             | ((AuditEvent.resource_type == "job") & (AuditEvent.resource_id == job_id)))
-    with settings_of(request).ctx.sessions() as s:
+    with read_session(request) as s:
         return paginate(s, query, limit, offset, lambda e: AuditEventOut.model_validate(e, from_attributes=True))
 
 
@@ -148,7 +147,7 @@ def processing(job_id: Annotated[str, Path_(pattern=ID_PATTERN)], request: Reque
     """A job's record of processing (purpose, data categories, parties, safeguards, retention)."""
     from fedtune.compliance.reports import ReportNotFound, processing_markdown, processing_record
 
-    with settings_of(request).ctx.sessions() as s:
+    with read_session(request) as s:
         try:
             report = processing_record(s, job_id)
         except ReportNotFound as e:
@@ -159,17 +158,18 @@ def processing(job_id: Annotated[str, Path_(pattern=ID_PATTERN)], request: Reque
 
 
 def _instant(name: str, text: str) -> datetime:
+    """A validated ``since`` / ``until`` as an aware UTC datetime (422 naming it, should one slip through)."""
     try:
-        return datetime.fromisoformat(text.replace("z", "Z"))
+        return parse_instant(text)
     except ValueError as e:
-        raise HTTPException(422, f"{name}: {text!r} is not an RFC 3339 time ({e})") from None
+        raise HTTPException(422, f"{name}: {e}") from None
 
 
 @router.get("/audit/checkpoints", name="audit.checkpoints", tags=["audit"], response_model=Page[CheckpointOut],
             responses=ERRORS)
 def list_checkpoints(request: Request, limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
     """Signed checkpoints (tree size, Merkle root, time, key id), oldest first."""
-    with settings_of(request).ctx.sessions() as s:
+    with read_session(request) as s:
         return paginate(s, select(AuditCheckpoint).order_by(AuditCheckpoint.id), limit, offset,
                         lambda c: CheckpointOut.model_validate(c, from_attributes=True))
 
@@ -189,7 +189,7 @@ def metrics(request: Request) -> PlainTextResponse:
             label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
             lines.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
 
-    with settings.ctx.sessions() as s:
+    with settings.read_sessions() as s:
         def grouped(column) -> list[tuple[dict[str, str], float]]:
             rows = s.execute(select(column, func.count()).group_by(column)).all()
             return [({"status": str(k)}, float(n)) for k, n in rows]

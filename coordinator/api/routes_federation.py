@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from fedtune.coordinator.api.app import API_PREFIX, record_change, settings_of
+from fedtune.coordinator.api.app import API_PREFIX, read_session, record_change, settings_of
 from fedtune.coordinator.api.schemas import (
     ID_PATTERN,
     ClientIn,
@@ -19,9 +19,10 @@ from fedtune.coordinator.api.schemas import (
     KeysIn,
     Page,
     RoundOut,
+    SuspensionOut,
 )
 from fedtune.coordinator.jobs import JobStateError, UnknownBaseError, change_job_status, create_job
-from fedtune.coordinator.store import AdapterVersion, Client, Job, Round, Update, utc_now
+from fedtune.coordinator.store import AdapterVersion, Client, Job, JobSuspension, Round, Update, utc_now
 from fedtune.coordinator.store.models import RetiredFlowerNode
 
 MAX_PAGE_SIZE = 200
@@ -60,15 +61,6 @@ def _client_out(c: Client) -> ClientOut:
     return ClientOut.model_validate(c, from_attributes=True)
 
 
-def _check_receipt_key(public_key: str) -> None:
-    from fedtune.compliance.signing import KeyFormatError, decode_public_key
-
-    try:
-        decode_public_key(public_key)
-    except KeyFormatError as e:
-        raise HTTPException(422, f"public_key: {e}") from None
-
-
 def _refuse_taken_keys(s: Session, client_id: str, *, public_key: str | None, node_public_key: str | None) -> None:
     """409 if another client holds either key, or the node key was ever retired (Flower never
     registers a key twice, not even after unregistering it)."""
@@ -90,7 +82,6 @@ def _refuse_taken_keys(s: Session, client_id: str, *, public_key: str | None, no
 def register_client(body: ClientIn, request: Request) -> ClientOut:
     """Register a client agent with the Ed25519 public key its signed receipts are checked with and,
     optionally, its SuperNode's ECDSA P-384 key (registered with the SuperLink by the job supervisor)."""
-    _check_receipt_key(body.public_key)
     settings = settings_of(request)
     try:
         with settings.ctx.sessions.begin() as s:
@@ -114,8 +105,6 @@ def rotate_client_keys(client_id: ClientId, body: KeysIn, request: Request) -> C
     """Replace an active client's receipt key, SuperNode key, or both. Rounds started after the change
     reject replies signed with the old receipt key; the job supervisor unregisters the old SuperNode
     key and registers the new one with the SuperLink within a poll."""
-    if body.public_key is not None:
-        _check_receipt_key(body.public_key)
     try:
         with settings_of(request).ctx.sessions.begin() as s:
             # locked: the job supervisor may be storing the node id of the key being replaced
@@ -155,14 +144,14 @@ def list_clients(request: Request, limit: Limit = 50, offset: Offset = 0,
     query = select(Client).order_by(Client.id)
     if status:
         query = query.where(Client.status == status)
-    with settings_of(request).ctx.sessions() as s:
+    with read_session(request) as s:
         return paginate(s, query, limit, offset, _client_out)
 
 
 @router.get("/clients/{client_id}", name="client.get", tags=["client"], response_model=ClientOut,
             responses=ERRORS)
 def get_client(client_id: ClientId, request: Request) -> ClientOut:
-    with settings_of(request).ctx.sessions() as s:
+    with read_session(request) as s:
         return _client_out(get_or_404(s, Client, client_id, "client"))
 
 
@@ -200,7 +189,7 @@ def create_job_endpoint(body: JobIn, request: Request) -> JobOut:
         settings.catalog.check(body.base_digest)
     except UnknownBaseError as e:
         raise HTTPException(422, f"base_digest: {e}") from None
-    with settings.ctx.sessions() as s:
+    with settings.read_sessions() as s:
         if s.get(Job, body.id) is not None:
             raise HTTPException(409, f"job {body.id!r} already exists")
         clients = {c.id: c.status for c in s.execute(select(Client).where(Client.id.in_(body.clients))).scalars()}
@@ -214,6 +203,7 @@ def create_job_endpoint(body: JobIn, request: Request) -> JobOut:
         record_change(request, s, resource_type="job", resource_id=body.id,
                       context={"base_digest": body.base_digest, "clients": body.clients,
                                "aggregation": body.aggregation.method, "rounds": body.rounds,
+                               "norm_bound": body.norm_bound,  # a number, or "none": chosen, on the record
                                "target_epsilon": body.privacy.target_epsilon, "delta": body.privacy.delta})
 
     try:
@@ -221,7 +211,7 @@ def create_job_endpoint(body: JobIn, request: Request) -> JobOut:
                    also=audit)
     except IntegrityError:
         raise HTTPException(409, f"job {body.id!r} already exists") from None
-    with settings.ctx.sessions() as s:
+    with settings.read_sessions() as s:
         return _job_out(s, s.get(Job, body.id))
 
 
@@ -232,13 +222,13 @@ def list_jobs(request: Request, limit: Limit = 50, offset: Offset = 0,
     query = select(Job).order_by(Job.created_at, Job.id)
     if status:
         query = query.where(Job.status == status)
-    with settings_of(request).ctx.sessions() as s:
+    with read_session(request) as s:
         return paginate(s, query, limit, offset, lambda j: _job_out(s, j))
 
 
 @router.get("/jobs/{job_id}", name="job.get", tags=["job"], response_model=JobOut, responses=ERRORS)
 def get_job(job_id: JobId, request: Request) -> JobOut:
-    with settings_of(request).ctx.sessions() as s:
+    with read_session(request) as s:
         return _job_out(s, get_or_404(s, Job, job_id, "job"))
 
 
@@ -282,6 +272,43 @@ def abort_job(job_id: JobId, request: Request) -> JobOut:
     return _transition(job_id, request, "abort")
 
 
+# --- suspensions (the strike policy) -----------------------------------------------------------
+
+
+def _suspension_out(row: JobSuspension) -> SuspensionOut:
+    return SuspensionOut(client_id=row.client_id, reason=row.reason, suspended_at=row.suspended_at,
+                         lifted_at=row.lifted_at, lifted_by=row.lifted_by)
+
+
+@router.get("/jobs/{job_id}/suspensions", name="suspension.list", tags=["job"], response_model=list[SuspensionOut],
+            responses=ERRORS)
+def list_suspensions(job_id: JobId, request: Request) -> list[SuspensionOut]:
+    """Clients the strike policy suspended from the job (too many rejected signed updates), lifted or not."""
+    with read_session(request) as s:
+        get_or_404(s, Job, job_id, "job")
+        rows = s.execute(select(JobSuspension).where(JobSuspension.job_id == job_id)
+                         .order_by(JobSuspension.id)).scalars().all()
+        return [_suspension_out(r) for r in rows]
+
+
+@router.post("/jobs/{job_id}/suspensions/{client_id}/lift", name="suspension.lift", tags=["job"],
+             response_model=list[SuspensionOut], responses=ERRORS)
+def lift_suspension(job_id: JobId, client_id: ClientId, request: Request) -> list[SuspensionOut]:
+    """Lift a client's suspension from the job: the round engine selects it again from the next round."""
+    with settings_of(request).ctx.sessions.begin() as s:
+        get_or_404(s, Job, job_id, "job")
+        rows = s.execute(select(JobSuspension).where(
+            JobSuspension.job_id == job_id, JobSuspension.client_id == client_id,
+            JobSuspension.lifted_at.is_(None))).scalars().all()
+        if not rows:
+            raise HTTPException(404, f"client {client_id!r} is not suspended from job {job_id!r}")
+        actor = request.state.actor
+        for row in rows:
+            row.lifted_at, row.lifted_by = utc_now(), f"{actor.actor_type}:{actor.actor_id}"[:200]
+        record_change(request, s, resource_type="client", resource_id=client_id)
+        return [_suspension_out(r) for r in rows]
+
+
 # --- rounds ----------------------------------------------------------------------------------
 
 
@@ -289,7 +316,7 @@ def abort_job(job_id: JobId, request: Request) -> JobOut:
             responses=ERRORS)
 def list_rounds(job_id: JobId, request: Request, limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
     """A job's rounds with their metrics and accepted / rejected clients."""
-    with settings_of(request).ctx.sessions() as s:
+    with read_session(request) as s:
         get_or_404(s, Job, job_id, "job")
         versions = {v.round_id: v for v in s.execute(select(AdapterVersion).where(AdapterVersion.job_id == job_id))
                     .scalars() if v.round_id is not None}

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from fedtune.coordinator.api.app import API_PREFIX, record_change, settings_of
+from fedtune.coordinator.api.app import API_PREFIX, read_session, record_change, settings_of
 from fedtune.coordinator.api.routes_federation import ERRORS, ClientId, JobId, Limit, Offset, get_or_404, paginate
 from fedtune.coordinator.api.schemas import (
     INT32_MAX,
@@ -49,7 +49,7 @@ def _version_out(s: Session, v: AdapterVersion) -> AdapterVersionOut:
 @router.get("/jobs/{job_id}/adapters", name="adapter.list", tags=["adapter"],
             response_model=Page[AdapterVersionOut], responses=ERRORS)
 def list_versions(job_id: JobId, request: Request, limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
-    with settings_of(request).ctx.sessions() as s:
+    with read_session(request) as s:
         get_or_404(s, Job, job_id, "job")
         query = select(AdapterVersion).where(AdapterVersion.job_id == job_id).order_by(AdapterVersion.version)
         return paginate(s, query, limit, offset, lambda v: _version_out(s, v))
@@ -58,7 +58,7 @@ def list_versions(job_id: JobId, request: Request, limit: Limit = 50, offset: Of
 @router.get("/jobs/{job_id}/adapters/{version:int}", name="adapter.get", tags=["adapter"],
             response_model=AdapterVersionOut, responses=ERRORS)
 def get_version(job_id: JobId, version: Version, request: Request) -> AdapterVersionOut:
-    with settings_of(request).ctx.sessions() as s:
+    with read_session(request) as s:
         return _version_out(s, _version_row(s, job_id, version))
 
 
@@ -69,7 +69,7 @@ def lineage(job_id: JobId, version: Version, request: Request) -> dict[str, Any]
     record-level epsilon each spent in that round, and the client-level epsilon if DP-FedAvg ran."""
     from fedtune.compliance.reports import adapter_lineage
 
-    with settings_of(request).ctx.sessions() as s:
+    with read_session(request) as s:
         _version_row(s, job_id, version)
         return adapter_lineage(s, job_id, version)
 
@@ -84,7 +84,7 @@ def download(job_id: JobId, version: Version, request: Request,
                              "as stored (FFA: B only)")] = "peft-zip") -> Response:
     """The decrypted adapter (its digest is checked against the version row first)."""
     settings = settings_of(request)
-    with settings.ctx.sessions() as s:
+    with settings.read_sessions() as s:
         row = _version_row(s, job_id, version)
         job = s.get(Job, job_id)
         tensors = read_adapter_version(settings.ctx, row)
@@ -156,7 +156,7 @@ def rollback(job_id: JobId, body: RollbackIn, request: Request) -> AdapterVersio
 def client_ledger(client_id: ClientId, request: Request, limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
     """The client's record-level privacy ledger: one row per training attempt it signed for (committed, rejected,
     failed or reported later)."""
-    with settings_of(request).ctx.sessions() as s:
+    with read_session(request) as s:
         get_or_404(s, Client, client_id, "client")
         query = (select(PrivacyLedgerEntry).where(PrivacyLedgerEntry.client_id == client_id)
                  .order_by(PrivacyLedgerEntry.id))
@@ -176,7 +176,7 @@ def client_budget(client_id: ClientId, request: Request) -> BudgetOut:
     """Epsilon spent per job (every attempt the client signed for, composed by the accountant at the job's delta)
     and what is left of the job's ``max_client_epsilon``; and all jobs composed as one lifetime history. The agent's
     own ledger enforces its lifetime budget locally."""
-    with settings_of(request).ctx.sessions() as s:
+    with read_session(request) as s:
         get_or_404(s, Client, client_id, "client")
         entries = s.execute(select(PrivacyLedgerEntry).where(PrivacyLedgerEntry.client_id == client_id)
                             .order_by(PrivacyLedgerEntry.id)).scalars().all()

@@ -6,12 +6,15 @@ names the field and never reaches the store. Strings that end up in SQL refuse c
 
 A job's privacy block has no switch to turn DP off and no fixed DP seed: a federated job always
 trains with DP-SGD on fresh randomness. DP-FedAvg noise on the coordinator always comes from the
-OS CSPRNG.
+OS CSPRNG. A job has an update norm bound unless its creator writes ``"norm_bound": "none"``, an
+explicit choice kept in the job's config and its audit record; a robust aggregation whose settings
+would not trim anything at the job's ``min_clients`` is refused rather than silently averaging.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import math
+from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -20,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints, model_validator
 
 from fedtune.client_agent.lora import DEFAULT_TARGET_MODULES
+from fedtune.compliance.signing import KeyFormatError, decode_public_key
 from fedtune.coordinator.aggregation import AGGREGATORS
 
 INT32_MAX = 2**31 - 1
@@ -28,7 +32,6 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]  # checkpoint digest (hex SHA-256)
-PublicKeyText = Annotated[str, StringConstraints(pattern=r"^ed25519:[A-Za-z0-9+/]{43}=$")]
 Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Seed = Annotated[int, Field(ge=0, le=INT32_MAX)]
 PositiveFloat = Annotated[FiniteFloat, Field(gt=0, le=1e9)]
@@ -61,6 +64,22 @@ def normalize_node_public_key(line: str) -> str:
     return key.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
 
 
+def check_receipt_key(text: str) -> str:
+    """An agent's Ed25519 receipt key, checked as a curve point (small-order and non-canonical keys,
+    under which forged receipts verify, are refused).
+
+    Raises:
+        ValueError: not a usable Ed25519 public key (the message says why).
+    """
+    try:
+        decode_public_key(text)
+    except KeyFormatError as e:
+        raise ValueError(str(e)) from None
+    return text
+
+
+PublicKeyText = Annotated[str, StringConstraints(pattern=r"^ed25519:[A-Za-z0-9+/]{43}=$"),
+                          AfterValidator(check_receipt_key)]
 NodePublicKeyText = Annotated[
     str, StringConstraints(strip_whitespace=True, max_length=1000,
                            pattern=r"^[a-z0-9@.-]{1,64} [A-Za-z0-9+/]+={0,2}( [^\x00-\x1f\x7f]*)?$"),
@@ -178,6 +197,10 @@ class ProcessingIn(Strict):
     retention_days: int | None = Field(None, ge=1, le=36500)
 
 
+NO_NORM_BOUND = "none"  # what a job creator writes to run without an update norm bound, on purpose
+NormBound = Annotated[FiniteFloat, Field(gt=0, le=1e9)] | Literal["none"]
+
+
 class JobIn(Strict):
     id: Id
     base_digest: Digest = Field(description="SHA-256 digest of the frozen base (fedtune model info)")
@@ -185,7 +208,9 @@ class JobIn(Strict):
     rounds: int = Field(ge=1, le=10_000)
     min_clients: int = Field(1, ge=1, le=1000)
     aggregation: AggregationIn = Field(default_factory=AggregationIn)
-    norm_bound: FiniteFloat | None = Field(None, gt=0, le=1e9, description="L2 bound on each update (B - B0)")
+    norm_bound: NormBound = Field(description="L2 bound on each update (B - B0): a reply whose update is longer is "
+                                              "rejected. Required: a positive number, or \"none\" to run without "
+                                              "one (recorded in the job's config and audit record as that choice)")
     round_timeout_s: FiniteFloat = Field(600.0, ge=1, le=86_400)
     max_failed_rounds: int = Field(3, ge=1, le=100)
     max_client_epsilon: FiniteFloat | None = Field(None, gt=0, le=1e4,
@@ -218,13 +243,32 @@ class JobIn(Strict):
             raise ValueError(f"declared_records names clients the job does not list: {unknown[:5]}")
         if any(n < 1 for n in self.declared_records.values()):
             raise ValueError("declared_records: every count must be >= 1")
+        self._check_trim()
         return self
 
+    def _check_trim(self) -> None:
+        """trimmed_mean cuts floor(trim_fraction * n) updates at each end: at n = min_clients (the fewest a
+        round commits with) that must be at least one, or the "robust" mean is a plain mean."""
+        fraction = self.aggregation.trim_fraction
+        if self.aggregation.method != "trimmed_mean" or math.floor(fraction * self.min_clients) >= 1:
+            return
+        fix = (f"raise it to at least 1/min_clients = {1 / self.min_clients:.4g}" if self.min_clients >= 3
+               else "trim_fraction stays below 0.5, so trimmed_mean needs min_clients >= 3; use 'median'")
+        raise ValueError(f"aggregation.trim_fraction: {fraction} trims floor({fraction} * min_clients "
+                         f"{self.min_clients}) = 0 updates at each end, so trimmed_mean would be a plain mean; {fix}")
+
+    @property
+    def norm_bound_value(self) -> float | None:
+        """The bound the round engine applies (None: the creator chose ``"none"``)."""
+        return None if self.norm_bound == NO_NORM_BOUND else float(self.norm_bound)
+
     def engine_config(self) -> dict[str, Any]:
-        """The job config the round engine reads (coordinator/rounds.py)."""
+        """The job config the round engine reads (coordinator/rounds.py). ``norm_bound`` is a number or
+        null; ``norm_bound_opt_out`` says whether a null bound was the creator's explicit ``"none"``."""
         return {
             "rounds": self.rounds, "min_clients": self.min_clients, "clients": list(self.clients),
-            "aggregation": self.aggregation.model_dump(), "norm_bound": self.norm_bound,
+            "aggregation": self.aggregation.model_dump(), "norm_bound": self.norm_bound_value,
+            "norm_bound_opt_out": self.norm_bound == NO_NORM_BOUND,
             "round_timeout_s": self.round_timeout_s, "max_failed_rounds": self.max_failed_rounds,
             "max_client_epsilon": self.max_client_epsilon, "client_level_delta": self.client_level_delta,
             "declared_records": dict(self.declared_records),
@@ -243,6 +287,14 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     rounds_done: int
     latest_version: int | None
+
+
+class SuspensionOut(BaseModel):
+    client_id: str
+    reason: str
+    suspended_at: datetime
+    lifted_at: datetime | None
+    lifted_by: str | None
 
 
 class RoundOut(BaseModel):
@@ -340,7 +392,33 @@ class AuditEventOut(BaseModel):
 
 # RFC 3339 date-time with a mandatory offset (a naive time would be ambiguous; numbers are refused)
 RFC3339 = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})$"
-Instant = Annotated[str, StringConstraints(pattern=RFC3339)]
+
+
+def parse_instant(text: str) -> datetime:
+    """An RFC 3339 time (with its offset) as an aware UTC datetime the store can compare with.
+
+    Raises:
+        ValueError: not a date-time, or its UTC value falls outside years 1-9999 (the store's range:
+            ``0001-01-01T00:00:00+00:01`` is still year 0 in UTC).
+    """
+    try:
+        moment = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError as e:
+        raise ValueError(f"{text!r} is not an RFC 3339 time ({e})") from None
+    if moment.utcoffset() is None:
+        raise ValueError(f"{text!r} has no UTC offset; add one (Z or +hh:mm)")
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} falls outside years 1-9999 once converted to UTC") from None
+
+
+def _check_instant(text: str) -> str:
+    parse_instant(text)
+    return text
+
+
+Instant = Annotated[str, StringConstraints(pattern=RFC3339), AfterValidator(_check_instant)]
 
 
 class AuditExportIn(Strict):

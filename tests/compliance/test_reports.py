@@ -108,3 +108,51 @@ def test_report_commands(ran, database_url):
     assert result.exit_code == 0 and result.output.startswith("# Record of processing: job job-1")
     result = runner.invoke(app, ["audit", "processing", "--job", "nope", "--database-url", database_url])
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+# --- operator text is escaped in the Markdown (security review finding 8) -------------------------------
+
+HOSTILE = ("<img src=x onerror=alert(1)> [x](javascript:alert(1)) ![i](http://evil.example/x.png) <https://e.example> "
+           "**b** _i_ `c` ~~s~~ # h | \u202etxt.exe\u2066 &amp; \\* end\nnext line")
+
+
+def _render(markdown: str) -> str:
+    """Markdown as an auditor's viewer renders it (CommonMark with raw HTML, GFM tables and strikethrough)."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(markdown)
+
+
+def _shown(text: str) -> str:
+    """What a reader must see for ``text``: itself, line breaks as spaces, bidi controls named."""
+    return text.replace("\n", " ").replace("\u202e", "<U+202E>").replace("\u2066", "<U+2066>")
+
+
+def test_operator_text_renders_as_text_in_both_reports(ran):
+    import html as html_lib
+    import re
+
+    with ran() as s:
+        processing = processing_record(s, "job-1")
+        lineage = adapter_lineage(s, "job-1", 2)
+    processing.update(purpose=HOSTILE, legal_basis=HOSTILE, data_categories=[HOSTILE, "plain"])
+    processing["parties"][0]["org"] = HOSTILE
+    processing["safeguards"].append("- " + HOSTILE)
+    lineage["clients"][0]["org"] = HOSTILE
+    lineage["notes"].append("1. " + HOSTILE)
+    for markdown in (report_markdown(processing), report_markdown(lineage)):
+        rendered = _render(markdown)
+        for markup in ("<img", "<a ", "<strong", "<em", "<code>c</code>", "<s>", "<del", "<ol", "<li>\n<ul", "\u202e",
+                       "\u2066", "javascript:alert(1)\""):
+            assert markup not in rendered, (markup, rendered)
+    rendered = _render(report_markdown(processing))
+    purpose = re.search(r"<td>purpose</td>\s*<td>(.*?)</td>", rendered, re.S)[1]
+    assert html_lib.unescape(purpose) == _shown(HOSTILE)  # escaped, not lost: the reader sees the text
+    assert "<li>- " + html_lib.escape(_shown(HOSTILE), quote=False) in rendered
+
+
+def test_plain_text_stays_plain():
+    from fedtune.compliance.reports import _cell
+
+    assert _cell("fraud-memo classification") == "fraud-memo classification"
+    assert _cell(None) == "-" and _cell(2.0) == "2" and _cell("a|b") == "a\\|b"

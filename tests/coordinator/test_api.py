@@ -1,8 +1,13 @@
 """The admin API on SQLite and PostgreSQL: the authorization matrix (every endpoint x role, plus no,
-bad and revoked tokens), audit of every request, bad input, job life cycle, adapters, privacy."""
+bad and revoked tokens), audit of every request, bad input, job life cycle, adapters, privacy; and
+the security review's findings: receipt keys checked as points, jobs with a norm bound unless
+explicitly "none", robust aggregation that does something, time ranges the store can hold,
+Markdown reports escaped, nosniff on every response."""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -17,7 +22,7 @@ from sqlalchemy import select
 
 from fedtune.compliance.signing import encode_public_key, generate_signing_key
 from fedtune.compliance.wire import TrainInstruction, sign_train_reply
-from fedtune.coordinator.rounds import registered_clients
+from fedtune.coordinator.rounds import JobPlan, registered_clients
 from fedtune.coordinator.store import AdapterVersion, AuditEvent, Client, Job
 from fedtune.coordinator.store.models import RetiredFlowerNode
 from fedtune.coordinator.validation import Accepted, Rejected, RejectReason, RoundExpectation, validate_reply
@@ -40,6 +45,8 @@ MATRIX = [
     ("POST", "/api/v1/jobs/{job_id}/resume", "O"),
     ("POST", "/api/v1/jobs/{job_id}/abort", "O"),
     ("GET", "/api/v1/jobs/{job_id}/rounds", "OA"),
+    ("GET", "/api/v1/jobs/{job_id}/suspensions", "OA"),
+    ("POST", "/api/v1/jobs/{job_id}/suspensions/{client_id}/lift", "O"),
     ("GET", "/api/v1/jobs/{job_id}/adapters", "OA"),
     ("GET", "/api/v1/jobs/{job_id}/adapters/{version}", "OA"),
     ("GET", "/api/v1/jobs/{job_id}/adapters/{version}/lineage", "OA"),
@@ -59,7 +66,7 @@ MATRIX = [
 
 def job_body(api, job_id="job-1", clients=("bank-a", "bank-b"), **over) -> dict:
     body = {"id": job_id, "base_digest": api.base_digest, "clients": list(clients), "rounds": 2,
-            "min_clients": 2, "aggregation": {"method": "ffa"},
+            "min_clients": 2, "aggregation": {"method": "ffa"}, "norm_bound": 10.0,
             "lora": {"rank": 2, "ffa": True, "target_modules": ["q_a_proj", "o_proj"]},
             "privacy": {"target_epsilon": 4.0, "delta": 1e-5}, "max_client_epsilon": 10.0}
     body.update(over)
@@ -430,3 +437,190 @@ def test_replies_signed_with_the_rotated_away_receipt_key_are_rejected(api):
     stale = validate_reply(reply(old), expected=expected, clients=clients)
     assert isinstance(stale, Rejected) and stale.reason_code == RejectReason.BAD_SIGNATURE
     assert isinstance(validate_reply(reply(new), expected=expected, clients=clients), Accepted)
+
+
+# --- security review: receipt keys are points (finding 7) ----------------------------------------------
+
+ZERO_KEY = "ed25519:" + base64.b64encode(bytes(32)).decode()  # the finding's key: order 4
+IDENTITY_RAW = b"\x01" + bytes(31)
+IDENTITY_KEY = "ed25519:" + base64.b64encode(IDENTITY_RAW).decode()  # order 1: every forged receipt verifies
+NON_CANONICAL_KEY = "ed25519:" + base64.b64encode((2**255 - 18).to_bytes(32, "little")).decode()  # y = p + 1
+FORGED_SIGNATURE = IDENTITY_RAW + bytes(32)  # R = identity, S = 0: made without any private key
+
+
+@pytest.mark.parametrize("key", [ZERO_KEY, IDENTITY_KEY, NON_CANONICAL_KEY], ids=["zero", "identity", "y=p+1"])
+def test_small_order_receipt_keys_are_a_422_naming_public_key(api, key):
+    r = api.post("/api/v1/clients", headers=auth(api, "operator"), json=client_body("bank-a", public_key=key))
+    assert r.status_code == 422 and "public_key" in r.json()["detail"], r.text
+    assert "small order" in r.json()["detail"] or "not a canonical" in r.json()["detail"]
+    good = register(api, "bank-b")["public_key"]
+    r = api.post("/api/v1/clients/bank-b/keys", headers=auth(api, "operator"), json={"public_key": key})
+    assert r.status_code == 422 and "public_key" in r.json()["detail"], r.text
+    assert api.get("/api/v1/clients/bank-b", headers=auth(api, "admin")).json()["public_key"] == good
+    with api.ctx.sessions() as s:
+        assert s.execute(select(Client.id)).scalars().all() == ["bank-b"]
+
+
+def test_a_stored_small_order_key_verifies_no_forged_receipt(api):
+    """A key stored before keys were checked (written straight into the store): the library would
+    take the forged receipt under it; the coordinator refuses the key, so the reply is bad_signature."""
+    with api.ctx.sessions.begin() as s:
+        s.add(Client(id="bank-a", org="o", name="n", public_key=IDENTITY_KEY))
+    current = {"layers.0.q.lora_B.weight": torch.zeros(4, 2)}
+    instruction = TrainInstruction(job_id="job-1", round=1, nonce=b"\x07" * 32, base_digest="sha256:base",
+                                   config={}, adapter=current)
+    expected = RoundExpectation(job_id="job-1", round=1, nonce=b"\x07" * 32, base_digest="sha256:base",
+                                current=current)
+    signed = sign_train_reply(instruction, client_id="bank-a", tensors={n: t + 0.01 for n, t in current.items()},
+                              loss=1.0, records=10, epsilon=1.0, delta=1e-6, sample_rate=0.5, noise_multiplier=1.0,
+                              steps=4, accountant="rdp", private_key=generate_signing_key())
+    forged = dataclasses.replace(signed, receipt=dataclasses.replace(signed.receipt, signature=FORGED_SIGNATURE))
+    assert forged.receipt.verify(ed25519.Ed25519PublicKey.from_public_bytes(IDENTITY_RAW))  # the library's view
+    with api.ctx.sessions() as s:
+        clients = registered_clients(s)
+    outcome = validate_reply(forged, expected=expected, clients=clients)
+    assert isinstance(outcome, Rejected) and outcome.reason_code == RejectReason.BAD_SIGNATURE
+
+
+# --- security review: safe job defaults (finding 3) ----------------------------------------------------
+
+
+def _job_event(api, job_id: str) -> AuditEvent:
+    return next(e for e in audit_rows(api) if e.action == "job.create" and e.resource_id == job_id
+                and e.outcome == "success")
+
+
+def test_a_job_needs_a_norm_bound_or_an_explicit_none(api):
+    register(api, "bank-a")
+    register(api, "bank-b")
+    missing = job_body(api)
+    del missing["norm_bound"]
+    for body in (missing, job_body(api, norm_bound=None), job_body(api, norm_bound=0),
+                 job_body(api, norm_bound="off")):
+        r = api.post("/api/v1/jobs", headers=auth(api, "operator"), json=body)
+        assert r.status_code == 422 and "norm_bound" in r.json()["detail"], (body.get("norm_bound"), r.text)
+    r = api.post("/api/v1/jobs", headers=auth(api, "operator"), json=job_body(api, "job-open", norm_bound="none"))
+    assert r.status_code == 201, r.text
+    config = r.json()["config"]
+    assert config["norm_bound"] is None and config["norm_bound_opt_out"] is True
+    assert JobPlan.from_config(config).norm_bound is None  # the round engine's view
+    assert _job_event(api, "job-open").context["norm_bound"] == "none"  # the choice is on the record
+    r = api.post("/api/v1/jobs", headers=auth(api, "operator"), json=job_body(api, "job-bound", norm_bound=5))
+    assert r.status_code == 201, r.text
+    config = r.json()["config"]
+    assert config["norm_bound"] == 5.0 and config["norm_bound_opt_out"] is False
+    assert JobPlan.from_config(config).norm_bound == 5.0
+    assert _job_event(api, "job-bound").context["norm_bound"] == 5.0
+
+
+def test_a_job_made_through_the_api_rejects_a_1e6x_update(api):
+    key = generate_signing_key()
+    register(api, "bank-a", key)
+    register(api, "bank-b")
+    r = api.post("/api/v1/jobs", headers=auth(api, "operator"), json=job_body(api, norm_bound=1.0))
+    plan = JobPlan.from_config(r.json()["config"])
+    current = {"layers.0.q.lora_B.weight": torch.zeros(4, 2)}
+    instruction = TrainInstruction(job_id="job-1", round=1, nonce=b"\x09" * 32, base_digest="sha256:base",
+                                   config={}, adapter=current)
+    expected = RoundExpectation(job_id="job-1", round=1, nonce=b"\x09" * 32, base_digest="sha256:base",
+                                current=current, norm_bound=plan.norm_bound)
+    with api.ctx.sessions() as s:
+        clients = registered_clients(s)
+
+    def reply(scale: float):
+        return sign_train_reply(instruction, client_id="bank-a",
+                                tensors={n: t + 0.01 * scale for n, t in current.items()}, loss=1.0, records=10,
+                                epsilon=1.0, delta=1e-6, sample_rate=0.5, noise_multiplier=1.0, steps=4,
+                                accountant="rdp", private_key=key)
+
+    assert isinstance(validate_reply(reply(1.0), expected=expected, clients=clients), Accepted)
+    huge = validate_reply(reply(1e6), expected=expected, clients=clients)
+    assert isinstance(huge, Rejected) and huge.reason_code == RejectReason.NORM_EXCEEDED
+
+
+@pytest.mark.parametrize(("min_clients", "trim", "ok"), [
+    (2, 0.1, False), (5, 0.1, False), (9, 0.1, False), (5, 0.0, False), (2, 0.49, False),
+    (10, 0.1, True), (5, 0.2, True), (3, 0.34, True),
+])
+def test_a_trimmed_mean_that_trims_nothing_is_refused(api, min_clients, trim, ok):
+    clients = [f"site-{i}" for i in range(10)]
+    body = job_body(api, clients=clients, min_clients=min_clients,
+                    aggregation={"method": "trimmed_mean", "trim_fraction": trim},
+                    lora={"rank": 2, "ffa": False, "target_modules": ["q_a_proj", "o_proj"]})
+    if not ok:
+        r = api.post("/api/v1/jobs", headers=auth(api, "operator"), json=body)
+        assert r.status_code == 422 and "aggregation.trim_fraction" in r.json()["detail"], r.text
+        return
+    for client in clients:
+        register(api, client)
+    r = api.post("/api/v1/jobs", headers=auth(api, "operator"), json=body)
+    assert r.status_code == 201, r.text
+
+
+# --- security review: the admin API's edges (finding 8) ------------------------------------------------
+
+
+@pytest.mark.parametrize(("param", "value"), [("since", "0001-01-01T00:00:00+00:01"),
+                                              ("until", "9999-12-31T23:59:59-23:59")])
+def test_times_outside_the_stores_range_are_a_422_naming_the_parameter(api, param, value):
+    r = api.get("/api/v1/audit/events", params={param: value}, headers=auth(api, "auditor"))
+    assert r.status_code == 422 and param in r.json()["detail"] and "1-9999" in r.json()["detail"], r.text
+    r = api.post("/api/v1/audit/export", headers=auth(api, "auditor"), json={param: value})
+    assert r.status_code == 422 and param in r.json()["detail"] and "1-9999" in r.json()["detail"], r.text
+    edge = "0001-01-01T00:00:00Z" if param == "since" else "9999-12-31T23:59:59Z"  # the range's own ends
+    r = api.get("/api/v1/audit/events", params={param: edge}, headers=auth(api, "auditor"))
+    assert r.status_code == 200 and r.json()["total"] > 0, r.text
+    r = api.post("/api/v1/audit/export", headers=auth(api, "auditor"), json={param: edge})
+    assert r.status_code == 200, r.text
+
+
+def test_every_response_says_nosniff(api):
+    responses = [api.get("/healthz"), api.get("/openapi.json"), api.get("/api/v1/clients"),
+                 api.get("/api/v1/clients", headers=auth(api, "admin")),
+                 api.post("/api/v1/clients", headers=auth(api, "admin"), json={}),
+                 api.get("/api/v1/nothing-here", headers=auth(api, "admin")),
+                 api.get("/api/v1/metrics", headers=auth(api, "auditor"))]
+    assert [r.status_code for r in responses] == [200, 200, 401, 200, 422, 404, 403]
+    assert all(r.headers.get("x-content-type-options") == "nosniff" for r in responses)
+
+
+def test_operator_text_reaches_the_markdown_record_escaped(api):
+    from markdown_it import MarkdownIt
+
+    api.post("/api/v1/clients", headers=auth(api, "operator"),
+             json=client_body("bank-a", org="<img src=x onerror=alert(1)>"))
+    register(api, "bank-b")
+    processing = {"purpose": "[click](javascript:alert(1)) \u202etxt.exe", "legal_basis": "**art. 6** `x` | y",
+                  "data_categories": ["<script>alert(1)</script>", "![p](http://evil.example/x.png)"]}
+    assert api.post("/api/v1/jobs", headers=auth(api, "operator"),
+                    json=job_body(api, processing=processing)).status_code == 201
+    r = api.get("/api/v1/jobs/job-1/processing-record?format=markdown", headers=auth(api, "auditor"))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/markdown")
+    assert r.headers["x-content-type-options"] == "nosniff"
+    html = MarkdownIt("commonmark").enable("table").render(r.text)  # an auditor's viewer (raw HTML allowed)
+    for markup in ("<img", "<script", "<a ", "<strong", "<code", "\u202e"):
+        assert markup not in html, (markup, html)
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html and "[click](javascript:alert(1))" in html
+    assert "&lt;U+202E&gt;txt.exe" in html and "**art. 6** `x` | y" in html
+
+
+def test_operators_see_and_lift_a_strike_suspension(api):
+    """The strike policy suspends a client from a job (the round engine); operators see it and lift it,
+    audited; auditors see it and cannot lift it."""
+    from fedtune.coordinator.store import JobSuspension
+
+    register(api, "bank-a")
+    register(api, "bank-b")
+    assert api.post("/api/v1/jobs", headers=auth(api, "operator"), json=job_body(api)).status_code == 201
+    with api.ctx.sessions.begin() as s:
+        s.add(JobSuspension(job_id="job-1", client_id="bank-b", reason="3 signed updates rejected within 5 rounds"))
+    listed = api.get("/api/v1/jobs/job-1/suspensions", headers=auth(api, "auditor"))
+    assert listed.status_code == 200
+    assert [(r["client_id"], r["lifted_at"]) for r in listed.json()] == [("bank-b", None)]
+    assert api.post("/api/v1/jobs/job-1/suspensions/bank-b/lift", headers=auth(api, "auditor")).status_code == 403
+    lifted = api.post("/api/v1/jobs/job-1/suspensions/bank-b/lift", headers=auth(api, "operator"))
+    assert lifted.status_code == 200 and lifted.json()[0]["lifted_at"] is not None
+    assert lifted.json()[0]["lifted_by"]
+    assert api.post("/api/v1/jobs/job-1/suspensions/bank-b/lift", headers=auth(api, "operator")).status_code == 404
+    events = [e for e in audit_rows(api) if e.action == "suspension.lift"]
+    assert [e.outcome for e in events] == ["denied", "success", "failure"]

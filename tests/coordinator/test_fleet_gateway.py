@@ -10,6 +10,7 @@ refused; an over-long body is refused before the SuperLink; SIGTERM stops the wh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -269,3 +270,18 @@ def test_sigterm_stops_the_whole_tree(coordinator):
         pytest.fail(f"serve still running 25 s after SIGTERM\n{c.logs()}")
     for port in (c.superlink_port, c.fleet_port, c.api.base_url.port):
         assert not _port_open(port), f"port {port} still open after serve exited\n{c.logs()}"
+
+
+def test_a_fleet_request_that_never_finishes_is_closed():
+    """The port every site reaches: a partial request line is closed after the read timeout."""
+    gateway = start_fleet_gateway(host="127.0.0.1", port=0, superlink_port=free_port(), read_timeout_s=1.0)
+    try:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+            sock.sendall(b"POST /v1/fleet/push-messages HTTP/1.1\r\nHost: x\r\nContent-Len")
+            started = time.monotonic()
+            sock.settimeout(5)
+            with contextlib.suppress(ConnectionError):  # a reset is a close too
+                assert sock.recv(4096) == b""
+            assert 0.8 <= time.monotonic() - started < 3.0
+    finally:
+        gateway.stop()

@@ -292,6 +292,7 @@ def test_a_consortium_set_up_and_run_as_the_deployment_guide_says(deployment):
 
     job = {"id": JOB_ID, "base_digest": d["digest"], "clients": list(CLIENTS),
            "rounds": 3, "min_clients": 3, "aggregation": {"method": "ffa"}, "round_timeout_s": 300,
+           "norm_bound": 100.0,
            "lora": {"rank": 2, "ffa": True, "target_modules": ["q_a_proj", "o_proj"]},
            "train": {"batch_size": 4, "physical_batch_size": 4, "steps": 1, "max_len": 32, "lr": 0.01},
            "privacy": {"target_epsilon": 20.0, "delta": 1e-5, "noise_multiplier": 1.0},
