@@ -35,12 +35,10 @@ def _plots(res: Results) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for run in res.sites:
-        spent = [0.0]
-        for eps in res.epsilon_rounds.get(run.site.client_id, []):
-            spent.append(spent[-1] + eps)
+        spent = [0.0, *res.epsilon_rounds.get(run.site.client_id, [])]
         ax.plot(range(len(spent)), spent, marker="o", label=run.site.client_id)
     ax.axhline(res.options.epsilon, color="red", linestyle="--", label="job budget per site")
-    ax.set(title="epsilon spent per site (site ledgers, basic composition)", xlabel="round",
+    ax.set(title="epsilon spent per site (site ledgers, composed by the accountant)", xlabel="round",
            ylabel="epsilon")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -121,13 +119,11 @@ def write_report(res: Results) -> Path:
         lines.append(f"| {cid} | {run.site.task} | {b.loss:.3f} | {loc.loss:.3f} | {fed.loss:.3f} | "
                      f"{b.accuracy:.0%} | {loc.accuracy:.0%} | {fed.accuracy:.0%} | "
                      f"{'yes' if checks[cid]['beats_base'] else '**NO**'} |")
-    lines += ["", "Reading the local-only column: it is a single run, so its epsilon is composed over all its steps "
-              "by the RDP accountant, while each federated round is accounted on its own and the rounds are summed "
-              "(the ledger's basic composition): at the same epsilon the local run adds less noise. And FedAvg "
-              "averages every site's update with the others', so a site whose task no other site shares (the "
-              "hospital here) gets a third of the step. With this demo's sizes the local-only runs come out ahead; "
-              "what the federated column shows is that a shared adapter, trained without any record leaving its "
-              "site and within each site's budget, beats the base everywhere.", "",
+    lines += ["", "Reading the columns: the federated job's epsilon is what all its rounds spend together (each "
+              "site's agent calibrates every round's noise so that the rounds compose to it), and the local-only "
+              "run spends the same epsilon over the same number of steps, so both add the same noise per step. "
+              "FedAvg averages every site's update with the others', so a site whose task no other site shares "
+              "gets only its share of the step.", "",
               "![held-out accuracy per institution](comparison.png)", "",
               "## Loss and epsilon per round", "", "![held-out loss and accuracy per round](rounds.png)", "",
               "![epsilon per site](epsilon.png)", "",
