@@ -83,7 +83,8 @@ class ExportResult:
 
 def export_audit(session: Session, out_dir: str | Path, *, signing_key: Ed25519PrivateKey,
                  record_format: str = "jsonl", job_id: str | None = None, since: datetime | None = None,
-                 until: datetime | None = None, exported_at: datetime | None = None) -> ExportResult:
+                 until: datetime | None = None, exported_at: datetime | None = None,
+                 read: Session | None = None) -> ExportResult:
     """Sign a checkpoint of the audit log and export the records it covers to ``out_dir``.
 
     Call inside a transaction (``with sessions.begin() as s``): the checkpoint and its
@@ -98,6 +99,8 @@ def export_audit(session: Session, out_dir: str | Path, *, signing_key: Ed25519P
         job_id, since, until: select a job's records and/or ``since <= occurred_at < until``
             (:class:`AuditFilter`); none of them: every record, a complete export.
         exported_at: the export's time (default now).
+        read: a read-only session (one snapshot) to read the log in, so that ``session`` holds the
+            append lock only to confirm it and sign (:func:`snapshot_audit_log`).
 
     Returns:
         An :class:`ExportResult`.
@@ -115,7 +118,7 @@ def export_audit(session: Session, out_dir: str | Path, *, signing_key: Ed25519P
         raise FileExistsError(f"{out_dir} exists and is not an empty directory; export into a new one")
     audit_filter = AuditFilter(job_id=job_id, since=since, until=until)
     exported_at = exported_at or datetime.now(UTC)
-    snapshot = snapshot_audit_log(session, signing_key, signed_at=exported_at)
+    snapshot = snapshot_audit_log(session, signing_key, signed_at=exported_at, read=read)
     tree, size = snapshot.tree, snapshot.checkpoint.tree_size
     complete = audit_filter.selects_all
     records = snapshot.records if complete else [r for r in snapshot.records if audit_filter.matches(r)]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -14,6 +16,7 @@ from fastapi import Path as Path_
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from fedtune.compliance.actions import ACTIONS
 from fedtune.coordinator.api.app import API_PREFIX, read_session, record_change, settings_of
@@ -100,10 +103,11 @@ def export(body: AuditExportIn, request: Request) -> Response:
     until = _instant("until", body.until) if body.until else None
     if since and until and since >= until:
         raise HTTPException(422, f"since ({body.since}) must be before until ({body.until})")
-    with tempfile.TemporaryDirectory() as tmp, settings_of(request).ctx.sessions.begin() as s:
+    sessions = settings_of(request).ctx.sessions
+    with tempfile.TemporaryDirectory() as tmp, _snapshot(request) as rs, sessions.begin() as s:
         out = Path(tmp) / "audit-export"
         result = export_audit(s, out, signing_key=key, record_format=body.format, job_id=body.job_id,
-                              since=since, until=until)
+                              since=since, until=until, read=rs)
         record_change(request, s, resource_type="audit", resource_id=None,
                       context={"records": result.records, "complete": result.complete,
                                "tree_size": result.checkpoint.tree_size, "root_hash": result.checkpoint.root_hash,
@@ -111,6 +115,16 @@ def export(body: AuditExportIn, request: Request) -> Response:
         data = _zip_dir(out)
     return Response(data, media_type="application/zip",
                     headers={"Content-Disposition": 'attachment; filename="audit-export.zip"'})
+
+
+@contextlib.contextmanager
+def _snapshot(request: Request) -> Iterator[Session]:
+    """A read-only session over one snapshot of the store (repeatable read on PostgreSQL; a deferred
+    transaction on SQLite in WAL mode), in which exports read the whole trail without the append lock."""
+    with read_session(request) as rs:
+        if rs.get_bind().dialect.name == "postgresql":
+            rs.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        yield rs
 
 
 @router.post("/audit/verify", name="audit.verify", tags=["audit"], response_model=VerifyOut,
@@ -124,13 +138,13 @@ def verify(request: Request) -> VerifyOut:
 
     key = _signing_key(request)
     with tempfile.TemporaryDirectory() as tmp:
-        with settings_of(request).ctx.sessions.begin() as s:
+        with _snapshot(request) as rs, settings_of(request).ctx.sessions.begin() as s:
             newest = select(AuditCheckpoint).order_by(AuditCheckpoint.id.desc()).limit(1)
-            earlier = s.execute(newest).scalar_one_or_none()
+            earlier = rs.execute(newest).scalar_one_or_none()  # in the snapshot the export reads
             since = None if earlier is None else Checkpoint(
                 tree_size=earlier.tree_size, root_hash=earlier.root_hash, signed_at=earlier.signed_at,
                 key_id=earlier.key_id, signature=earlier.signature)
-            export_audit(s, Path(tmp) / "export", signing_key=key)
+            export_audit(s, Path(tmp) / "export", signing_key=key, read=rs)
         result = verify_export(Path(tmp) / "export", pubkey=key.public_key(), since_checkpoint=since)
     first = result.first_problem
     return VerifyOut(ok=result.ok, records=result.records, tree_size=result.tree_size, root_hash=result.root_hash,

@@ -209,10 +209,21 @@ def sign_audit_checkpoint(session: Session, signing_key: Ed25519PrivateKey, *,
 
 
 def snapshot_audit_log(session: Session, signing_key: Ed25519PrivateKey, *,
-                       signed_at: datetime | None = None) -> AuditSnapshot:
-    """:func:`sign_audit_checkpoint`, also returning the records it covers (what an export writes)."""
+                       signed_at: datetime | None = None, read: Session | None = None) -> AuditSnapshot:
+    """:func:`sign_audit_checkpoint`, also returning the records it covers (what an export writes).
+
+    With ``read`` (a read-only session, one snapshot of the store), the log is read and checked there,
+    without the append lock: the lock is taken only to confirm that the stored log still begins with
+    exactly those records (it is append-only) and to append the checkpoint, so a long trail does not
+    hold every other writer (each request's audit record) for the time it takes to read it.
+    """
+    records, tree = read_audit_log(read if read is not None else session)
     lock_audit_log(session)
-    records, tree = read_audit_log(session)
+    if read is not None and records:
+        last = records[-1]
+        stored = session.execute(select(AuditEvent).where(AuditEvent.seq == last["seq"])).scalar_one_or_none()
+        if stored is None or stored.record_hash != last["record_hash"]:
+            raise AuditIntegrityError(f"audit record {last['seq']} changed while the log was read for a checkpoint")
     checkpoint = sign_checkpoint(signing_key, tree.size, tree.root(), signed_at)
     row = AuditCheckpoint(tree_size=checkpoint.tree_size, root_hash=checkpoint.root_hash,
                           signed_at=checkpoint.signed_at, key_id=checkpoint.key_id, signature=checkpoint.signature)
@@ -223,7 +234,8 @@ def snapshot_audit_log(session: Session, signing_key: Ed25519PrivateKey, *,
                        outcome="success", context={"tree_size": row.tree_size, "root_hash": row.root_hash,
                                                    "key_id": row.key_id,
                                                    "signed_at": format_timestamp(row.signed_at)})
-    sizes = sorted(set(session.execute(select(AuditCheckpoint.tree_size)).scalars()))
+    # checkpoints signed meanwhile over a longer log are not this snapshot's to prove consistency with
+    sizes = sorted(m for m in set(session.execute(select(AuditCheckpoint.tree_size)).scalars()) if m <= tree.size)
     return AuditSnapshot(records=records, tree=tree, checkpoint=row, checkpoint_sizes=sizes)
 
 

@@ -122,3 +122,30 @@ def test_read_sessions_begin_deferred_write_sessions_immediate(tmp_path):
     assert begins == ["BEGIN IMMEDIATE", "BEGIN", "BEGIN"]
     assert reads.kw["expire_on_commit"] is False
     engine.dispose()
+
+
+def test_an_export_reads_the_trail_without_holding_the_append_lock(engine, tmp_path, monkeypatch):
+    """While an audit export reads (and checks) the whole trail, another writer can take the lock and
+    append: the export holds it only to confirm the trail it read and sign its checkpoint."""
+    from fedtune.compliance.signing import generate_signing_key
+    from fedtune.coordinator.store import audit
+
+    sessions = create_session_factory(engine, immediate=True)
+    ctx = CoordinatorContext(sessions=sessions, blob_dir=tmp_path / "blobs", blob_key=generate_blob_key())
+    with sessions.begin() as s:
+        token = create_token(s, name="aud", role="auditor")[1]
+    api = TestClient(create_app(ApiSettings(ctx=ctx, signing_key=generate_signing_key())))
+    api.headers["Authorization"] = f"Bearer {token}"
+    real_read, waited = audit.read_audit_log, []
+
+    def read_while_another_writer_writes(session):
+        started = time.monotonic()
+        writer = OutsideWriter(engine)  # blocks (up to the busy timeout) if the export held the lock
+        writer.release()
+        waited.append(time.monotonic() - started)
+        return real_read(session)
+
+    monkeypatch.setattr(audit, "read_audit_log", read_while_another_writer_writes)
+    r = api.post("/api/v1/audit/export", json={"format": "jsonl"})
+    assert r.status_code == 200, r.text
+    assert waited and waited[0] < 1.0
