@@ -45,18 +45,23 @@ def _scores(model: torch.nn.Module, records: list[Record], tokenizer, batch_size
     return torch.cat(means), torch.cat(totals)
 
 
+def evaluate_records(model: torch.nn.Module, tokenizer, records: list[Record], labels: list[str]) -> Metrics:
+    """Held-out loss and accuracy of ``model`` (the base, or a base with adapters attached) on ``records``,
+    whose completions are " <label>" for one of ``labels``."""
+    loss, _ = _scores(model, records, tokenizer)
+    candidates = [Record(r.prompt, f" {label}") for r in records for label in labels]
+    _, nll = _scores(model, candidates, tokenizer)
+    predicted = nll.view(len(records), len(labels)).argmin(1)  # [records]
+    truth = torch.tensor([labels.index(r.completion.strip()) for r in records])
+    return Metrics(float(loss.mean()), float((predicted == truth).float().mean()))
+
+
 def evaluate(base: torch.nn.Module, tokenizer, site: Site, heldout: Path, adapter: Path | None = None) -> Metrics:
     """The site's held-out loss and accuracy of ``base`` with the peft adapter in ``adapter`` (None: the base)."""
     records = load_records(heldout)
-    labels = site.labels
     model = load_adapter(base, adapter) if adapter is not None else base
     try:
-        loss, _ = _scores(model, records, tokenizer)
-        candidates = [Record(r.prompt, f" {label}") for r in records for label in labels]
-        _, nll = _scores(model, candidates, tokenizer)
-        predicted = nll.view(len(records), len(labels)).argmin(1)
-        truth = torch.tensor([labels.index(r.completion.strip()) for r in records])
-        return Metrics(float(loss.mean()), float((predicted == truth).float().mean()))
+        return evaluate_records(model, tokenizer, records, site.labels)
     finally:
         if adapter is not None:
             detach_lora(model)

@@ -86,10 +86,11 @@ class Child:
 
 @dataclass
 class Stack:
-    """The running children; :meth:`stop` stops agents, then the coordinator."""
+    """The running children; :meth:`stop` stops one-off workers, agents, then the coordinator."""
 
     coordinator: Child | None = None
     agents: list[Child] = field(default_factory=list)
+    workers: list[Child] = field(default_factory=list)  # one-off runs (train-local): they exit on their own
 
     def check(self) -> None:
         """Raise if a child died (its log tail is in the message)."""
@@ -105,14 +106,18 @@ class Stack:
             child.wait(60)
 
     def stop(self) -> None:
-        """Agents first, then the coordinator; a second Ctrl-C while waiting kills every child at once."""
+        """Workers and agents first, then the coordinator; a second Ctrl-C while waiting kills every child at once."""
         try:
+            for child in self.workers:
+                child.signal(signal.SIGTERM)
+            for child in self.workers:
+                child.wait(30)
             self.stop_agents()
             if self.coordinator is not None:
                 self.coordinator.signal(signal.SIGTERM)
                 self.coordinator.wait(60)
         except KeyboardInterrupt:
-            for child in self.agents + ([self.coordinator] if self.coordinator else []):
+            for child in self.workers + self.agents + ([self.coordinator] if self.coordinator else []):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.popen.pid, signal.SIGKILL)
             raise

@@ -1,4 +1,5 @@
-"""`fedtune demo`, shortened (one round, few records), as a newcomer runs it; and Ctrl-C in the middle.
+"""`fedtune demo`, shortened (two hospitals and the bank, one round, few records), as a newcomer runs it; and
+Ctrl-C in the middle.
 
 The demo starts `fedtune coordinator serve --config` (TLS, Flower node authentication, fleet
 gateway, SQLite) and `fedtune agent run --config` per site from the config files it writes, so
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sqlite3
 import subprocess
@@ -23,8 +23,17 @@ from fedtune.coordinator.superlink import venv_bin
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-SITES = ("bank-a", "bank-b", "hospital-c")
-SHORT = ["--rounds", "1", "--records", "128", "--heldout", "32", "--steps", "8", "--epsilon", "4"]
+SITES = ("hospital-a", "hospital-b", "bank-c")
+SHORT = ["--clients", "2", "--rounds", "1", "--records", "64", "--heldout", "32", "--steps", "4", "--epsilon", "4"]
+
+
+def _rdp_epsilon(mechanisms: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of (sample rate, noise multiplier, steps) rows composed by Opacus' RDP accountant."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, q, steps) for q, sigma, steps in mechanisms]
+    return float(accountant.get_epsilon(delta=delta))
 
 
 def _run_dir(out: Path) -> Path:
@@ -62,24 +71,38 @@ def test_shortened_demo_writes_a_report_that_passes_its_checks(tmp_path):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"]({png})" in report
 
-    # the held-out table: every site beats the base on held-out loss
-    held_out = re.findall(r"^\| (\S+) \| [^|]* -> [^|]+ \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", report, re.M)
-    rows = {m[0]: m for m in held_out}
-    assert set(rows) == set(SITES), report
-    for site, base, _local, federated in rows.values():
-        assert float(federated) < float(base), (site, base, federated)
-    assert "**PASSED**" in report and "**NO**" not in report
+    # report.json: every site's task and numbers; the hospitals (sharing the task) beat the base on held-out loss
+    data = json.loads((run / "report.json").read_text())
+    assert data["passed"] and data["settings"]["epsilon"] == 4.0 and data["settings"]["rounds"] == 1
+    sites = {s["client_id"]: s for s in data["sites"]}
+    assert set(sites) == set(SITES)
+    assert [sites[c]["shares_task"] for c in SITES] == [True, True, False]
+    for cid, site in sites.items():
+        for model in ("base", "local_only_dp", "federated_dp", "centralized_dp"):
+            assert 0 <= site[model]["accuracy"] <= 1 and site[model]["loss"] > 0, (cid, model)
+        if site["shares_task"]:
+            assert site["federated_dp"]["loss"] < site["base"]["loss"], site
+        assert site["epsilon"]["federated"] <= 4.0 + 1e-9 and site["epsilon"]["local_only"] <= 4.0 + 1e-9
+    assert "**PASSED**" in report and "**NO**" not in report and "own task, not shared" in report
 
-    # each site's own ledger: one federated round and one local run, together within the lifetime budget
+    # each site's own ledger: one round of the job and one local run, composed within the budgets (an RDP
+    # accountant fed the rows' mechanisms directly, not the ledger's own arithmetic)
     for site in SITES:
         db = sqlite3.connect(run / "sites" / site / "state" / "privacy_ledger.db")
         (budget,) = db.execute("SELECT epsilon FROM budgets WHERE dataset_id = 'train'").fetchone()
-        runs = db.execute("SELECT job_id, status, epsilon FROM runs").fetchall()
+        runs = db.execute("SELECT job_id, status, sample_rate, noise_multiplier, steps FROM runs").fetchall()
         db.close()
         assert sorted(r[0] for r in runs) == ["demo-job", "local"], runs
         assert all(r[1] == "completed" for r in runs)
-        assert sum(r[2] for r in runs) <= budget == 10.0  # 2.5 x --epsilon 4
-        assert all(r[2] <= 4.0 for r in runs)
+        assert budget == 10.0  # 2.5 x --epsilon 4
+        assert _rdp_epsilon([r[2:] for r in runs if r[0] == "demo-job"], 1e-5) <= 4.0 + 1e-6
+        assert _rdp_epsilon([r[2:] for r in runs], 1e-4) <= budget
+    # the centralized reference trained on the pooled file in a ledger of its own, at the job's epsilon
+    db = sqlite3.connect(run / "reference" / "state" / "privacy_ledger.db")
+    rows = db.execute("SELECT dataset_id, sample_rate, noise_multiplier, steps FROM runs").fetchall()
+    db.close()
+    assert [r[0] for r in rows] == ["pooled"] and _rdp_epsilon([r[1:] for r in rows], 1e-5) <= 4.0 + 1e-6
+    assert len((run / "reference" / "pooled.jsonl").read_text().splitlines()) == 3 * 64
 
     # the records never reached the coordinator: no training prompt text in any of its files
     prompts = [json.loads(line)["prompt"].encode() for site in SITES
