@@ -16,10 +16,10 @@ import random
 import time
 
 from fedtune.client_agent.data import Record, encode_records
-from fedtune.client_agent.lora import LoraSettings, attach_lora, detach_lora, load_adapter_state
 from fedtune.client_agent.privacy import PrivacyConfig
 from fedtune.client_agent.training import TrainConfig, mean_record_loss, train_dp_lora
 from fedtune.model import DeepseekForCausalLM, init_weights
+from fedtune.model.adapters import LoraSettings, attach_lora, detach_lora, load_adapter_state
 from fedtune.model.config import PRESETS
 from fedtune.model.quantize import quantize_model
 from fedtune.model.tokenizer import ByteTokenizer

@@ -28,11 +28,11 @@ import torch
 
 from fedtune.client_agent.data import Record, encode_records, pad_records
 from fedtune.client_agent.dp_modules import wrap_for_dp
-from fedtune.client_agent.lora import LoraSettings, attach_lora
 from fedtune.client_agent.privacy import SeededRandom, SourcedDPOptimizer, SourcedGhostDPOptimizer
 from fedtune.client_agent.training import DP_KERNELS, per_record_loss
 from fedtune.kernels import implementation_for, use_implementation
 from fedtune.model import DeepseekForCausalLM, init_weights, quantize_model
+from fedtune.model.adapters import LoraSettings, attach_lora
 from fedtune.model.config import PRESETS
 from fedtune.model.tokenizer import ByteTokenizer
 

@@ -66,7 +66,12 @@ from fedtune.cli.demo.evaluate import Metrics, evaluate_records
 from fedtune.cli.demo.run import build_base
 from fedtune.cli.demo.sites import Site, hospital
 from fedtune.client_agent.data import Record
-from fedtune.client_agent.lora import (
+from fedtune.client_agent.privacy import PrivacyConfig
+from fedtune.client_agent.training import TrainConfig, train_dp_lora
+from fedtune.compliance.accounting import Mechanism, calibrate_composed_noise, composed_epsilon
+from fedtune.coordinator.aggregation import AggregationConfig, ClientUpdate, aggregate
+from fedtune.model import load_pretrained
+from fedtune.model.adapters import (
     DEFAULT_TARGET_MODULES,
     LoraSettings,
     adapter_state_dict,
@@ -74,11 +79,6 @@ from fedtune.client_agent.lora import (
     detach_lora,
     load_adapter_state,
 )
-from fedtune.client_agent.privacy import PrivacyConfig
-from fedtune.client_agent.training import TrainConfig, train_dp_lora
-from fedtune.compliance.accounting import Mechanism, calibrate_composed_noise, composed_epsilon
-from fedtune.coordinator.aggregation import AggregationConfig, ClientUpdate, aggregate
-from fedtune.model import load_pretrained
 from fedtune.model.tokenizer import load_tokenizer
 
 DELTA = 1e-5

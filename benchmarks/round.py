@@ -111,10 +111,9 @@ def round_split(row: dict) -> dict[str, float]:
 
 def adapter_bytes(base_dir: Path) -> dict[str, int]:
     """safetensors bytes of the exchanged adapter (FFA: B only; plain: A and B) and the base's files."""
-    from fedtune.client_agent.daemon import initial_adapter_state
-    from fedtune.client_agent.lora import LoraSettings
     from fedtune.compliance.wire import encode_tensors
     from fedtune.model import load_pretrained
+    from fedtune.model.adapters import LoraSettings, initial_adapter_state
     from fedtune.model.safetensors_index import checkpoint_files
 
     base = load_pretrained(base_dir)
@@ -141,12 +140,11 @@ def reload_cost(base_dir: Path, repeats: int = 3) -> dict[str, float]:
 
 def train_once(base_dir: Path, repeats: int = 3) -> float:
     """Median seconds of one DP-LoRA training call (the job's config) on an already loaded base."""
-    from fedtune.client_agent.daemon import initial_adapter_state
     from fedtune.client_agent.data import Record
-    from fedtune.client_agent.lora import LoraSettings
     from fedtune.client_agent.privacy import PrivacyConfig
     from fedtune.client_agent.training import TrainConfig, train_dp_lora
     from fedtune.model import load_pretrained
+    from fedtune.model.adapters import LoraSettings, initial_adapter_state
 
     base = load_pretrained(base_dir)
     lora = LoraSettings.from_json({**LORA, "ffa": True})

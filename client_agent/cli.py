@@ -34,8 +34,8 @@ from fedtune.client_agent.ledger import LEDGER_FILE, BudgetExceeded, PlannedRun,
 from fedtune.compliance.signing import encode_public_key, generate_signing_key, save_private_key
 
 if TYPE_CHECKING:
-    from fedtune.client_agent.lora import LoraSettings
     from fedtune.client_agent.supernode import AgentProcesses
+    from fedtune.model.adapters import LoraSettings
 
 app = typer.Typer(help="The on-premise agent: keys, the federation agent, local DP-LoRA training and its "
                   "privacy ledger.",
@@ -279,10 +279,10 @@ def train_local(
     """Fine-tune LoRA adapters alone, with differential privacy, within the dataset's lifetime budget."""
     # torch, peft and Opacus load here, not when any `fedtune` command starts
     from fedtune.client_agent.data import DataError, count_records, data_digest, load_records
-    from fedtune.client_agent.lora import LoraSettings
     from fedtune.client_agent.privacy import PrivacyConfig, PrivacyError
     from fedtune.client_agent.training import TrainConfig, plan_training, train_dp_lora
     from fedtune.model import CheckpointError, load_pretrained
+    from fedtune.model.adapters import LoraSettings
     from fedtune.model.tokenizer import load_tokenizer
 
     if out.exists() and any(out.iterdir()):
@@ -341,7 +341,7 @@ def train_local(
 
 def _write_outputs(base, settings: LoraSettings, state, report: dict, out: Path) -> None:
     """Adapter (peft format) + report.json, written to a temporary directory and renamed into place."""
-    from fedtune.client_agent.lora import attach_lora, detach_lora, load_adapter_state, save_adapter
+    from fedtune.model.adapters import attach_lora, detach_lora, load_adapter_state, save_adapter
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

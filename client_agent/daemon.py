@@ -46,7 +46,6 @@ import torch
 from fedtune.client_agent.data import Record, data_digest, load_records
 from fedtune.client_agent.flower_app import recorddict_from_bytes, recorddict_to_bytes
 from fedtune.client_agent.ledger import LEDGER_FILE, BudgetExceeded, PlannedRun, PrivacyLedger
-from fedtune.client_agent.lora import LoraSettings
 from fedtune.client_agent.privacy import JobBudgetExhausted, PrivacyConfig, plan_job_round
 from fedtune.client_agent.training import TrainConfig, train_dp_lora
 from fedtune.compliance.signing import load_private_key
@@ -63,6 +62,7 @@ from fedtune.compliance.wire import (
     sign_refusal,
     sign_train_reply,
 )
+from fedtune.model.adapters import LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -289,18 +289,6 @@ def serve(agent: Agent, *, host: str = "127.0.0.1", port: int = 0) -> None:
     finally:
         endpoint.unlink(missing_ok=True)
         agent.ledger.close()
-
-
-def initial_adapter_state(base: torch.nn.Module, lora: LoraSettings) -> dict[str, torch.Tensor]:
-    """The exchanged adapter tensors at their initial values (A from the job's seed, B = 0; FFA: B
-    only): what a job's adapter version 0 holds. Every agent derives the same A from the seed."""
-    from fedtune.client_agent.lora import adapter_state_dict, attach_lora, detach_lora
-
-    model = attach_lora(base, lora)
-    try:
-        return adapter_state_dict(model)
-    finally:
-        detach_lora(model)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,14 +19,6 @@ import torch
 from torch import nn
 
 from fedtune.client_agent.data import Record, encode_records
-from fedtune.client_agent.lora import (
-    LoraSettings,
-    adapter_state_dict,
-    attach_lora,
-    check_private_trainables,
-    detach_lora,
-    load_adapter_state,
-)
 from fedtune.client_agent.privacy import PrivacyConfig, PrivacyError, PrivacyPlan, epsilon_for, plan_privacy
 from fedtune.client_agent.training_loops import (
     DP_KERNELS,
@@ -38,6 +30,14 @@ from fedtune.client_agent.training_loops import (
     train_private,
 )
 from fedtune.kernels import use_implementation
+from fedtune.model.adapters import (
+    LoraSettings,
+    adapter_state_dict,
+    attach_lora,
+    check_private_trainables,
+    detach_lora,
+    load_adapter_state,
+)
 from fedtune.model.tokenizer import ByteTokenizer, TextTokenizer
 
 __all__ = ["DP_KERNELS", "PrivacyPlan", "ProgressFn", "TrainConfig", "TrainReport", "mean_record_loss",

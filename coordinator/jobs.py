@@ -79,8 +79,7 @@ class BaseCatalog:
 
     def initial_adapter(self, digest: str, lora: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Version 0 of an adapter on this base: A from the job's seed, B = 0 (FFA: B only)."""
-        from fedtune.client_agent.daemon import initial_adapter_state
-        from fedtune.client_agent.lora import LoraSettings
+        from fedtune.model.adapters import LoraSettings, initial_adapter_state
 
         with self._lock:
             return initial_adapter_state(self._model(digest), LoraSettings.from_json(dict(lora)))
@@ -88,7 +87,7 @@ class BaseCatalog:
     def peft_archive(self, digest: str, lora: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> bytes:
         """A zip of the adapter in peft's format (adapter_model.safetensors with A and B,
         adapter_config.json, fedtune_lora.json), loadable with ``peft.PeftModel.from_pretrained``."""
-        from fedtune.client_agent.lora import LoraSettings, attach_lora, detach_lora, load_adapter_state, save_adapter
+        from fedtune.model.adapters import LoraSettings, attach_lora, detach_lora, load_adapter_state, save_adapter
 
         with self._lock, tempfile.TemporaryDirectory() as tmp:
             model = attach_lora(self._model(digest), LoraSettings.from_json(dict(lora)))

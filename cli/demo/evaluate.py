@@ -17,8 +17,8 @@ import torch
 
 from fedtune.cli.demo.sites import Site
 from fedtune.client_agent.data import IGNORE_INDEX, Record, encode_records, load_records, padding_collate
-from fedtune.client_agent.lora import detach_lora, load_adapter
 from fedtune.client_agent.training_loops import per_record_loss
+from fedtune.model.adapters import detach_lora, load_adapter
 
 MAX_LEN = 48
 

@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_ssh_public_key
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints, model_validator
 
-from fedtune.client_agent.lora import DEFAULT_TARGET_MODULES
 from fedtune.compliance.signing import KeyFormatError, decode_public_key
 from fedtune.coordinator.aggregation import AGGREGATORS
+from fedtune.model.adapters import DEFAULT_TARGET_MODULES
 
 INT32_MAX = 2**31 - 1
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"

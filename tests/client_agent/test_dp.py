@@ -20,7 +20,6 @@ from torch import nn
 
 from fedtune.client_agent.data import Record, encode_records, pad_records
 from fedtune.client_agent.dp_modules import GhostClippingModule, noise_only_step, wrap_for_dp
-from fedtune.client_agent.lora import LoraSettings, attach_lora, detach_lora, load_adapter_state
 from fedtune.client_agent.privacy import (
     PrivacyConfig,
     PrivacyError,
@@ -39,6 +38,7 @@ from fedtune.client_agent.training import (
 )
 from fedtune.kernels import use_implementation
 from fedtune.model import DeepseekForCausalLM, init_weights, quantize_model
+from fedtune.model.adapters import LoraSettings, attach_lora, detach_lora, load_adapter_state
 from fedtune.model.config import PRESETS
 from fedtune.model.tokenizer import ByteTokenizer
 

@@ -80,9 +80,8 @@ class Federation:
 
     def register(self, job_id: str, config: dict) -> None:
         """Register the clients (first call: keys and local data made here) and a job with its version 0."""
-        from fedtune.client_agent.daemon import initial_adapter_state
-        from fedtune.client_agent.lora import LoraSettings
         from fedtune.model import load_pretrained
+        from fedtune.model.adapters import LoraSettings, initial_adapter_state
         from fedtune.model.safetensors_index import checkpoint_digest, read_index
 
         with self.ctx.sessions.begin() as s:

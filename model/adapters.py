@@ -1,5 +1,10 @@
 """LoRA adapters on the frozen base, with one explicit contract (torchtune's `peft/_utils.py` style).
 
+The contract both sides of the federation share: the client agent trains and sends adapters, the
+coordinator creates a job's version 0 and exports versions in peft's format. It lives here, on the
+base, so that neither side imports the other (DESIGN.md: `model <- client_agent`, `model <- coordinator`).
+
+- `LoraSettings`: targets, rank, alpha, expert LoRA, FFA and the job's seed (a job's `lora` config).
 - `attach_lora(model, settings)` wraps the targeted projections with peft (our `QuantLinear` through
   peft's custom-module dispatch, as peft wraps bitsandbytes' 4-bit linear) and, opt-in, the routed
   experts with `expert_lora.ExpertLoraMoE`; then it checks that exactly the intended modules got
@@ -7,6 +12,8 @@
   gradients in Opacus).
 - `adapter_state_dict` / `load_adapter_state`: the tensors that are trained and sent (FFA: B only),
   named as in peft's `adapter_model.safetensors`.
+- `initial_adapter_state(base, settings)`: those tensors at their initial values, A from the job's
+  seed and B = 0: a job's version 0, the same at the coordinator and at every agent.
 - `save_adapter` / `load_adapter`: peft's own directory format.
 
 Every call into peft runs inside `peft_layers.model_type_hidden_from_peft` (peft 0.21.2 would
@@ -30,9 +37,9 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import load_peft_weights
 from torch import nn
 
-from fedtune.client_agent.expert_lora import ExpertLoraMoE, attach_expert_lora, detach_expert_lora
-from fedtune.client_agent.peft_layers import CUSTOM_LORA_MODULES, model_type_hidden_from_peft
+from fedtune.model.expert_lora import ExpertLoraMoE, attach_expert_lora, detach_expert_lora
 from fedtune.model.model import MLP, MultiHeadLatentAttention
+from fedtune.model.peft_layers import CUSTOM_LORA_MODULES, model_type_hidden_from_peft
 from fedtune.model.quantize import QuantLinear
 
 ATTENTION_TARGETS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -245,6 +252,16 @@ def adapter_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
     Names are those of peft's `adapter_model.safetensors` (`base_model.model.<module>.lora_B.weight`).
     """
     return {n: p.detach().to("cpu", copy=True) for n, p in _exchanged_parameters(model).items()}
+
+
+def initial_adapter_state(base: nn.Module, settings: LoraSettings) -> dict[str, torch.Tensor]:
+    """The exchanged adapter tensors at their initial values (A from the job's seed, B = 0; FFA: B
+    only): what a job's adapter version 0 holds. Every agent derives the same A from the seed."""
+    model = attach_lora(base, settings)
+    try:
+        return adapter_state_dict(model)
+    finally:
+        detach_lora(model)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from fedtune.client_agent.expert_lora import ExpertProjection, FrozenBaseLoraLayer, LoraExpertProjection
+from fedtune.model.expert_lora import ExpertProjection, FrozenBaseLoraLayer, LoraExpertProjection
 from fedtune.model.quantize import QuantLinear
 
 

@@ -17,13 +17,8 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, load_peft_weights
 from safetensors.torch import load_file
 
-from fedtune.client_agent.expert_lora import (
-    ExpertLoraError,
-    ExpertLoraMoE,
-    LoraExpertProjection,
-    attach_expert_lora,
-)
-from fedtune.client_agent.lora import (
+from fedtune.model import DeepseekForCausalLM, init_weights, quantize_model
+from fedtune.model.adapters import (
     LoraError,
     LoraSettings,
     adapter_state_dict,
@@ -34,9 +29,14 @@ from fedtune.client_agent.lora import (
     load_adapter_state,
     save_adapter,
 )
-from fedtune.client_agent.peft_layers import CUSTOM_LORA_MODULES, LoraQuantLinear, model_type_hidden_from_peft
-from fedtune.model import DeepseekForCausalLM, init_weights, quantize_model
 from fedtune.model.config import PRESETS
+from fedtune.model.expert_lora import (
+    ExpertLoraError,
+    ExpertLoraMoE,
+    LoraExpertProjection,
+    attach_expert_lora,
+)
+from fedtune.model.peft_layers import CUSTOM_LORA_MODULES, LoraQuantLinear, model_type_hidden_from_peft
 from fedtune.model.quantize import QuantLinear
 
 TINY = PRESETS["tiny"]
