@@ -69,6 +69,8 @@ API_ACTIONS = {
     "token.create": "create an admin-API token (CLI)",
     "token.revoke": "revoke an admin-API token (CLI)",
     "api.unknown": "a request to a path or method the API does not have",
+    "request.refused_burst": "refused requests (401 / 403) from one origin beyond its limit in one window, each "
+                             "answered 429: their count, first and last time, statuses, reasons, paths",
 }
 
 ACTIONS: dict[str, str] = {**ROUND_ACTIONS, **SUPERVISOR_ACTIONS, **API_ACTIONS}

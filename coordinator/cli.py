@@ -16,7 +16,8 @@ finishes can hold: each request (head and body) must arrive in full within
 (:class:`RequestReadTimeoutProtocol`; uvicorn has no such timeout of its own), idle keep-alive
 connections close after ``keep_alive_timeout_s``, and a request head is at most 16 KiB. Its client
 address is the TCP peer's: ``X-Forwarded-For`` is read only from the ``trusted_proxies`` listed
-(none by default), so no local process can write another origin into the audit trail.
+(none by default), so no local process can write another origin into the audit trail. Refused
+requests are limited per client address (``refused_requests_*``, :mod:`fedtune.coordinator.api.refusals`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from rich.markup import escape
 from fedtune.coordinator.http_limits import MAX_REQUEST_HEAD_BYTES, request_read_timeout_protocol
 
 if TYPE_CHECKING:
+    from fedtune.coordinator.api.refusals import RefusalPolicy
     from fedtune.coordinator.tls import TlsFiles
 
 app = typer.Typer(help="The coordinator: admin API, Flower SuperLink, job supervisor, API tokens.",
@@ -84,9 +86,26 @@ class ServeConfig:
     trusted_proxies: list[str] = field(default_factory=list)
     request_read_timeout_s: float = 30.0
     keep_alive_timeout_s: int = 5
+    refused_requests_limit: int = 10
+    refused_requests_window_s: float = 60.0
+    refused_requests_max_origins: int = 10_000
+    refused_requests_ipv6_prefix: int = 64
+
+    def refusal_policy(self) -> RefusalPolicy:
+        """The per-origin limit on refused admin-API requests.
+
+        Raises:
+            ValueError: a ``refused_requests_*`` setting out of range (named).
+        """
+        from fedtune.coordinator.api.refusals import RefusalPolicy
+
+        return RefusalPolicy(limit=self.refused_requests_limit, window_s=self.refused_requests_window_s,
+                             max_origins=self.refused_requests_max_origins,
+                             ipv6_prefix=self.refused_requests_ipv6_prefix)
 
     def check_http_settings(self) -> None:
-        """Raises ValueError naming a bad ``trusted_proxies`` entry or timeout."""
+        """Raises ValueError naming a bad ``trusted_proxies`` entry, timeout or ``refused_requests_*`` setting."""
+        self.refusal_policy()
         if not isinstance(self.trusted_proxies, list):
             raise ValueError(f"trusted_proxies: {self.trusted_proxies!r} is not a list of IP addresses or networks")
         for name in ("request_read_timeout_s", "keep_alive_timeout_s"):
@@ -175,7 +194,8 @@ def admin_api_server_options(cfg: ServeConfig) -> dict[str, Any]:
     keep-alive timeout, request head limit, and ``X-Forwarded-For`` from ``cfg.trusted_proxies`` only.
 
     Raises:
-        ValueError: a bad ``trusted_proxies`` entry or timeout (:meth:`ServeConfig.check_http_settings`).
+        ValueError: a bad ``trusted_proxies`` entry, timeout or ``refused_requests_*`` setting
+            (:meth:`ServeConfig.check_http_settings`).
     """
     cfg.check_http_settings()
     return {"http": request_read_timeout_protocol(cfg.request_read_timeout_s),
@@ -250,6 +270,7 @@ def run_coordinator(cfg: ServeConfig) -> None:
     """
     from fedtune.compliance.checkpoints import load_coordinator_key
     from fedtune.coordinator.api import ApiSettings, create_app
+    from fedtune.coordinator.api.refusals import RefusalLimiter
     from fedtune.coordinator.encryption import load_blob_key
     from fedtune.coordinator.fleet_gateway import ThreadedServer
     from fedtune.coordinator.jobs import BaseCatalog
@@ -272,7 +293,8 @@ def run_coordinator(cfg: ServeConfig) -> None:
     catalog = BaseCatalog.from_paths(cfg.bases)
     for digest, path in catalog.paths.items():
         console.print(f"base {path}: digest {digest}")
-    settings = ApiSettings(ctx=ctx, catalog=catalog, signing_key=signing_key)
+    settings = ApiSettings(ctx=ctx, catalog=catalog, signing_key=signing_key,
+                           refusals=RefusalLimiter(cfg.refusal_policy()))
     with contextlib.ExitStack() as running:  # stops what started, last first, however serve ends
         running.enter_context(_signals_exit())
         if cfg.superlink:

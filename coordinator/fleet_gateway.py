@@ -224,9 +224,15 @@ class ThreadedServer:
         return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def wait(self) -> None:
-        """Block until the server ends (signals still reach the main thread meanwhile)."""
+        """Block until the server ends (signals still reach the main thread meanwhile).
+
+        Sleeps and looks rather than ``Thread.join``: a signal handler that raises (``serve``'s SIGTERM)
+        while ``join`` waits makes CPython 3.11 take the thread for stopped although it still runs
+        (bpo-45274's clean-up), and :meth:`stop` would then not wait for the server's shutdown (its
+        lifespan: the admin API's open refusal bursts are audited there).
+        """
         while self.thread.is_alive():
-            self.thread.join(0.5)
+            time.sleep(0.2)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop accepting, let requests in flight finish (up to ``timeout_s``), abort the idle connections

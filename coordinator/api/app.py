@@ -1,6 +1,7 @@
 """The admin API application: auth, audit and limits around every route.
 
-Every request under ``/api/v1`` leaves exactly one audit record, allowed or denied:
+Every request under ``/api/v1`` leaves exactly one audit record, allowed or denied, except refusals
+beyond an origin's limit (below):
 
 * a change is recorded by its handler inside the transaction that makes it (both commit or neither);
 * everything else (reads, denials, 4xx, a crash) is recorded once the response is ready, in a
@@ -12,6 +13,12 @@ Reads do not take the store's write lock: the token lookup and every handler tha
 writers). Handlers that write use ``ctx.sessions.begin()`` (``BEGIN IMMEDIATE`` on SQLite). So a
 read waits for a writer only for its one-row audit append, not for its lookups and queries.
 
+Refused requests (401, 403) are limited per origin (:mod:`.refusals`): the first ``limit`` of an
+origin's window are answered and audited one by one as above; the rest of the window are answered 429
+and summed up in ONE ``request.refused_burst`` record, written when the window closes (at the next
+request, or by the sweeper this app's lifespan runs) or at shutdown. A request that is not refused is
+never limited.
+
 Not audited: ``/healthz`` (liveness probes would drown the trail) and the OpenAPI document.
 
 A request is matched to its route (and so to its action) before it runs, so the body-size limit
@@ -21,6 +28,8 @@ carries ``X-Content-Type-Options: nosniff`` (:class:`SecurityHeaders`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import uuid
@@ -41,6 +50,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fedtune.coordinator.api.auth import Actor, allowed, authenticate
+from fedtune.coordinator.api.refusals import Burst, RefusalLimiter, Verdict
 from fedtune.coordinator.rounds import CoordinatorContext
 from fedtune.coordinator.store import append_audit_event
 from fedtune.coordinator.store.engine import read_session_factory
@@ -50,6 +60,9 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
 UNAUDITED_PATHS = ("/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+SWEEP_INTERVAL_S = 1.0
+"""How often the lifespan's sweeper writes the bursts of closed windows."""
+BURST_ACTOR = ("coordinator", "admin-api")
 
 
 @dataclass
@@ -64,6 +77,7 @@ class ApiSettings:
             checkpoint endpoints answer 409).
         max_page_size: the largest ``limit`` a list endpoint takes.
         max_body_bytes: the largest request body (413 above it).
+        refusals: the per-origin limit on refused requests (:mod:`.refusals`).
     """
 
     ctx: CoordinatorContext
@@ -71,6 +85,7 @@ class ApiSettings:
     signing_key: Any = None
     max_page_size: int = 200
     max_body_bytes: int = 1 << 20
+    refusals: RefusalLimiter = field(default_factory=RefusalLimiter)
     requests: Counter = field(default_factory=Counter)  # (action, outcome) -> count, for /metrics
 
     @cached_property
@@ -190,7 +205,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     """The FastAPI application (serve it with uvicorn; ``fedtune coordinator serve`` does)."""
     from fedtune.coordinator.api import routes_audit, routes_federation, routes_models
 
-    app = FastAPI(title="fedtune coordinator admin API", version="1",
+    app = FastAPI(title="fedtune coordinator admin API", version="1", lifespan=_write_bursts_while_serving,
                   description="Clients, jobs, rounds, adapters, privacy budgets and the audit trail. Bearer tokens "
                               "(`fedtune coordinator token create`), roles admin / operator / auditor.")
     app.state.settings = settings
@@ -236,10 +251,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
             if actor is None:
                 response = _error(401, f"authentication failed ({reason}): send 'Authorization: Bearer <token>'",
                                   {"WWW-Authenticate": "Bearer"})
-                return await _finish(settings, request, response, resource_type, reason)
+                return await _refuse(settings, request, response, resource_type, reason)
             if request.state.action != "api.unknown" and not allowed(request.state.action, actor.role):
                 response = _error(403, f"role {actor.role!r} may not {request.state.action}")
-                return await _finish(settings, request, response, resource_type, "role_not_allowed")
+                return await _refuse(settings, request, response, resource_type, "role_not_allowed")
             if route is not None and not method_ok:
                 response = _error(405, f"{request.method} is not allowed on {path}",
                                   {"Allow": _allowed_methods(api_routes, request.scope)})
@@ -291,6 +306,77 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
 
 
+async def _refuse(settings: ApiSettings, request: Request, response: JSONResponse, resource_type: str,
+                  reason: str | None):
+    """A 401 or 403: within its origin's limit, answered and audited as it is; beyond it, a 429 that the
+    origin's burst record counts."""
+    actor: Actor | None = request.state.actor
+    verdict = settings.refusals.refuse(request.client.host if request.client else None,
+                                       status=response.status_code, reason=reason,
+                                       actor=actor.actor_id if actor else "anonymous", method=request.method,
+                                       path=request.url.path)
+    if verdict.within_limit:
+        response.headers.update(verdict.headers())
+        return await _finish(settings, request, response, resource_type, reason)
+    settings.requests[(request.state.action, "rate_limited")] += 1
+    response = _too_many_refused(verdict)
+    response.headers["X-Request-ID"] = request.state.request_id
+    await _write_closed_bursts(settings)
+    return response
+
+
+def _too_many_refused(verdict: Verdict) -> JSONResponse:
+    limit, window_s = verdict.policy.limit, f"{verdict.policy.window_s:g}"
+    detail = (f"too many refused requests from {verdict.origin}: {limit} per {window_s} s are answered and "
+              f"audited one by one, the rest of the window are refused here and audited together; retry after "
+              f"{verdict.reset_s} s")
+    return JSONResponse(status_code=429, headers=verdict.headers(), content={
+        "detail": detail, "limit": limit, "window_s": verdict.policy.window_s, "retry_after_s": verdict.reset_s})
+
+
+async def _write_closed_bursts(settings: ApiSettings) -> None:
+    bursts = settings.refusals.take_closed()
+    if bursts:
+        await run_in_threadpool(_write_bursts, settings, bursts)
+
+
+def _write_bursts(settings: ApiSettings, bursts: list[Burst]) -> None:
+    """One ``request.refused_burst`` record per burst, in one transaction. On failure the log gets the
+    records instead (the trail cannot take them; the error is logged, not raised into a request)."""
+    if not bursts:
+        return
+    contexts = [(b.origin, b.context(settings.refusals.policy)) for b in bursts]
+    try:
+        with settings.ctx.sessions.begin() as s:
+            for origin, context in contexts:
+                append_audit_event(s, action="request.refused_burst", actor_type=BURST_ACTOR[0],
+                                   actor_id=BURST_ACTOR[1], resource_type="api", outcome="denied",
+                                   reason_code="rate_limited", origin=origin, context=context)
+    except Exception:
+        log.exception("could not write %d request.refused_burst audit records; they were: %s", len(contexts),
+                      contexts)
+
+
+@contextlib.asynccontextmanager
+async def _write_bursts_while_serving(app: FastAPI):
+    """The app's lifespan: write closed windows' bursts every :data:`SWEEP_INTERVAL_S` while serving
+    (an origin that stops sending still gets its record), and every open one at shutdown."""
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            await _write_closed_bursts(app.state.settings)
+
+    sweeper = asyncio.create_task(sweep())
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        settings: ApiSettings = app.state.settings
+        await run_in_threadpool(_write_bursts, settings, settings.refusals.close_all())
+
+
 async def _finish(settings: ApiSettings, request: Request, response, resource_type: str,
                   reason: str | None):
     outcome, default_reason = _outcome(response.status_code)
@@ -301,5 +387,6 @@ async def _finish(settings: ApiSettings, request: Request, response, resource_ty
                 _append(request, s, outcome=outcome, reason=reason or default_reason, resource_type=resource_type,
                         resource_id=request.state.resource_id, context={"status": response.status_code})
         await run_in_threadpool(write)
+    await _write_closed_bursts(settings)
     response.headers["X-Request-ID"] = request.state.request_id
     return response

@@ -36,7 +36,8 @@ Offset = Annotated[int, Query(ge=0, le=2**31 - 1)]
 ERRORS: dict[int | str, dict[str, Any]] = {400: {"description": "the body is not valid JSON"},
                                            401: {"description": "no, bad or revoked token"},
                                            403: {"description": "the token's role may not do this"},
-                                           404: {"description": "not found"}, 422: {"description": "bad input"}}
+                                           404: {"description": "not found"}, 422: {"description": "bad input"},
+                                           429: {"description": "too many refused requests from this origin"}}
 
 
 def paginate(s: Session, query, limit: int, offset: int, convert) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """``fedtune coordinator serve``'s HTTP server, as a real process on 127.0.0.1 (security review finding 8):
 unfinished requests are closed within ``request_read_timeout_s`` (a partial request line, a silent
 connection, headers trickled byte by byte, a body that never ends, many of them at once), idle
-keep-alive connections after ``keep_alive_timeout_s``; and ``X-Forwarded-For`` names the client in
-the audit trail only when the peer is one of the configured ``trusted_proxies`` (none by default)."""
+keep-alive connections after ``keep_alive_timeout_s``; ``X-Forwarded-For`` names the client in
+the audit trail only when the peer is one of the configured ``trusted_proxies`` (none by default); and
+a flood of refused requests from one origin leaves a bounded, complete, verifiable trail (issue 16)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from fedtune.compliance.checkpoints import load_coordinator_key
+from fedtune.compliance.export import export_audit
+from fedtune.compliance.verify import verify_export
+from fedtune.coordinator.api.auth import create_token
 from fedtune.coordinator.cli import ServeConfig, admin_api_server_options
 from fedtune.coordinator.store import AuditEvent, create_session_factory, create_store_engine
 from fedtune.coordinator.superlink import free_port, venv_bin
@@ -154,6 +159,83 @@ def test_x_forwarded_for_counts_only_from_trusted_proxies(serve, database_url):
     assert _origin(database_url, "xff-trusted") == "6.6.6.6"
 
 
+def _origin_records(database_url: str, origin: str) -> list[AuditEvent]:
+    engine = create_store_engine(database_url)
+    try:
+        with create_session_factory(engine)() as s:
+            return s.execute(select(AuditEvent).where(AuditEvent.origin == origin)
+                             .order_by(AuditEvent.seq)).scalars().all()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_a_flood_of_refused_requests_leaves_a_bounded_complete_trail(serve, database_url, tmp_path):
+    """120 unauthenticated requests from one origin (before: 120 audit records) leave the limit's 10
+    records and one burst record that counts the other 110; the trail still verifies."""
+    flooder, neighbour = "203.0.113.7", "198.51.100.2"  # via X-Forwarded-For from a trusted proxy
+    c = serve(trusted_proxies=["127.0.0.1"], refused_requests_limit=10, refused_requests_window_s=600)
+    engine = create_store_engine(database_url)
+    with create_session_factory(engine).begin() as s:
+        admin = create_token(s, name="admin", role="admin")[1]
+    engine.dispose()
+    with httpx.Client(base_url=f"http://127.0.0.1:{c.port}/api/v1", timeout=30) as http:
+        flood = [http.get("/clients", headers={"X-Forwarded-For": flooder, **bad})
+                 for bad in [{}] * 60 + [{"Authorization": "Bearer ftk_guessed"}] * 60]
+        assert [r.status_code for r in flood] == [401] * 10 + [429] * 110
+        for r in flood[10:]:
+            assert r.json()["limit"] == 10 and r.json()["window_s"] == 600
+            assert 1 <= int(r.headers["Retry-After"]) <= 600 and r.headers["RateLimit-Limit"] == "10"
+        # a token that may act is never limited, from the flooding origin or another; the other origin
+        # has its own window
+        assert http.get("/clients", headers={"X-Forwarded-For": flooder,
+                                             "Authorization": f"Bearer {admin}"}).status_code == 200
+        assert http.get("/clients", headers={"X-Forwarded-For": neighbour}).status_code == 401
+        assert http.get("/clients", headers={"X-Forwarded-For": neighbour,
+                                             "Authorization": f"Bearer {admin}"}).status_code == 200
+    assert [e.outcome for e in _origin_records(database_url, flooder)] == ["denied"] * 10 + ["success"]
+
+    c.proc.terminate()  # a clean stop writes the open window's burst
+    assert c.proc.wait(timeout=30) == 0
+    records = _origin_records(database_url, flooder)
+    (burst,) = [e for e in records if e.action == "request.refused_burst"]
+    individual = [e for e in records if e.outcome == "denied" and e is not burst]
+    assert len(records) == 10 + 1 + 1  # the limit, the burst, the admin's request
+    assert len(individual) + burst.context["count"] == len(flood)
+    assert burst.context["statuses"] == {"401": 110}
+    assert burst.context["reasons"] == {"missing_token": 50, "invalid_token": 60}
+    assert burst.context["paths"] == {"/api/v1/clients": 110}
+
+    key = load_coordinator_key(tmp_path / "data" / "keys" / "coordinator.pem")
+    engine = create_store_engine(database_url)
+    try:
+        with create_session_factory(engine).begin() as s:
+            export_audit(s, tmp_path / "export", signing_key=key)
+    finally:
+        engine.dispose()
+    result = verify_export(tmp_path / "export", pubkey=key.public_key())
+    assert result.ok, result.problems
+
+
+@pytest.mark.slow
+def test_a_closed_window_is_audited_without_another_request(serve, database_url):
+    c = serve(refused_requests_limit=3, refused_requests_window_s=1)
+    with httpx.Client(base_url=f"http://127.0.0.1:{c.port}/api/v1", timeout=30) as http:
+        statuses = [http.get("/clients").status_code for _ in range(10)]
+    assert statuses[:3] == [401] * 3 and set(statuses) == {401, 429}
+    deadline = time.monotonic() + 60  # the serving process's sweeper writes it once the window has closed
+    while True:
+        records = _origin_records(database_url, "127.0.0.1")
+        counted = sum(e.context["count"] for e in records if e.action == "request.refused_burst")
+        if counted == statuses.count(429) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert counted == statuses.count(429)
+    individual = [e for e in records if e.action == "client.list"]
+    assert len(individual) == statuses.count(401) and len(individual) + counted == len(statuses)
+    assert c.proc.poll() is None
+
+
 def test_server_options_default_to_no_trusted_proxy_and_bounded_reads():
     options = admin_api_server_options(ServeConfig())
     assert options["proxy_headers"] is False and options["forwarded_allow_ips"] == []
@@ -170,6 +252,10 @@ def test_server_options_default_to_no_trusted_proxy_and_bounded_reads():
     ({"request_read_timeout_s": 0}, "request_read_timeout_s"),
     ({"request_read_timeout_s": "30"}, "request_read_timeout_s"),
     ({"keep_alive_timeout_s": -1}, "keep_alive_timeout_s"),
+    ({"refused_requests_limit": 0}, "refused_requests_limit"),
+    ({"refused_requests_window_s": "60"}, "refused_requests_window_s"),
+    ({"refused_requests_max_origins": -5}, "refused_requests_max_origins"),
+    ({"refused_requests_ipv6_prefix": 16}, "refused_requests_ipv6_prefix"),
 ])
 def test_bad_http_settings_are_named(settings, named):
     with pytest.raises(ValueError, match=named):
