@@ -8,8 +8,9 @@ Config comes from the SuperLink's environment (inherited by ``flwr-serverapp``) 
 * ``FEDTUNE_COORDINATOR_KEY_FILE`` (optional): the Ed25519 key that signs an audit checkpoint after
   every round (``fedtune.compliance.checkpoints``);
 * run config ``job-id`` (``flwr run ... --run-config "job-id='job-1'"``), or ``FEDTUNE_JOB_ID``;
-* run config ``node-wait-s`` (default 60): how long to wait for SuperNodes to connect;
-* run config ``poll-s`` (default 0.5): how often replies are pulled (Flower's own ``send_and_receive``
+* run config ``node-wait-s`` (default 60): how long the first round waits for SuperNodes to connect;
+* run config ``expected-nodes`` (default 0: as many as the job lists clients, else 1): how many it waits for;
+* run config ``poll-s`` (default 0.2): how often replies are pulled (Flower's own ``send_and_receive``
   sleeps 3 s between pulls).
 
 Identity at discovery is bound to what the coordinator registered (:func:`bind_hellos`): with node
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 HELLO_KEY = "fedtune.hello"  # the ClientApp's discovery record (client_agent/flower_app.py)
 DISCOVERY_TIMEOUT_S = 60.0
+DISCOVERY_GRACE_S = 10.0
+DEFAULT_POLL_S = 0.2  # replies pulled from the SuperLink every 0.2 s (a cheap loopback call)
 
 app = ServerApp()
 
@@ -83,7 +86,7 @@ def bind_hellos(hellos: Iterable[tuple[int, str | None]],
 
 
 def collect_replies(grid: Grid, messages: list[Message], *, timeout_s: float, quorum: int | None = None,
-                    grace_s: float | None = None, poll_s: float = 0.5, counts: Callable[[Message], bool] | None = None,
+                    grace_s: float | None = None, poll_s: float = DEFAULT_POLL_S, counts: Callable[[Message], bool] | None = None,
                     clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                     ) -> list[Message]:
     """Push ``messages`` and pull replies every ``poll_s`` until all arrived, ``timeout_s`` passed, or
@@ -143,7 +146,7 @@ class FlowerTransport:
     """The round engine's transport over a Flower Grid: discovery by a ``query`` hello bound to the
     store's node registrations, train messages to the nodes of the selected clients."""
 
-    def __init__(self, grid: Grid, *, expected_nodes: int = 1, node_wait_s: float = 60.0, poll_s: float = 0.5,
+    def __init__(self, grid: Grid, *, expected_nodes: int = 1, node_wait_s: float = 60.0, poll_s: float = DEFAULT_POLL_S,
                  registered_nodes: Callable[[], Mapping[str, int | None]] = dict) -> None:
         self.grid = grid
         self.expected_nodes = expected_nodes
@@ -154,6 +157,10 @@ class FlowerTransport:
         self.discovery_refusals: list[tuple[int, str, str]] = []
         self.last_upload_bytes: dict[str, int] = {}
         self.upload_by_round: dict[int, dict[str, int]] = {}
+        self._known: tuple | None = None  # (connected nodes, registrations) the last full discovery saw
+        self._waited = False
+        self.discoveries = 0
+        self.discoveries_skipped = 0
 
     def _wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + self.node_wait_s
@@ -164,19 +171,38 @@ class FlowerTransport:
         return nodes
 
     def connected_clients(self) -> set[str]:
-        nodes = self._wait_for_nodes()
+        """The clients reachable now. The first call waits (up to ``node_wait_s``) for the expected nodes
+        and asks every node who it is; later calls ask again only when the set of connected nodes or the
+        store's node registrations changed since (a node joined, left or came back under a new id, a
+        client was registered or rotated), so a steady federation pays for discovery once per run."""
+        nodes = list(self.grid.get_node_ids()) if self._waited else self._wait_for_nodes()
+        self._waited = True
+        registered = dict(self.registered_nodes())
+        key = (frozenset(nodes), tuple(sorted(registered.items(), key=lambda kv: kv[0])))
+        if key == self._known:
+            self.discovery_refusals = []  # refused once, audited once
+            self.discoveries_skipped += 1
+            return set(self.node_of)
         messages = [Message(RecordDict({HELLO_KEY: ConfigRecord({"hello": True})}), dst_node_id=node,
                             message_type=MessageType.QUERY) for node in nodes]
         hellos = []
-        for reply in collect_replies(self.grid, messages, timeout_s=DISCOVERY_TIMEOUT_S, poll_s=self.poll_s):
+        # a live node answers a hello within a pull interval or two; a dead one Flower still lists (until its
+        # heartbeat lapses) must not hold the round for DISCOVERY_TIMEOUT_S: once one answered, the rest get
+        # DISCOVERY_GRACE_S
+        for reply in collect_replies(self.grid, messages, timeout_s=DISCOVERY_TIMEOUT_S, poll_s=self.poll_s,
+                                     quorum=1, grace_s=DISCOVERY_GRACE_S):
             if reply.has_error() or HELLO_KEY not in reply.content.config_records:
                 log.warning("node %s did not answer the hello: %s", reply.metadata.src_node_id,
                             reply.error if reply.has_error() else "no hello record")
                 continue
             hellos.append((reply.metadata.src_node_id, reply.content.config_records[HELLO_KEY].get("client_id")))
-        self.node_of, self.discovery_refusals = bind_hellos(hellos, self.registered_nodes())
+        self.node_of, self.discovery_refusals = bind_hellos(hellos, registered)
         for node, claimed, why in self.discovery_refusals:
             log.warning("node %s claims client %.64r: refused (%s)", node, claimed, why)
+        # a node that did not answer is asked again next round: only a complete answer is remembered
+        answered = {node for node, _ in hellos}
+        self._known = key if answered == set(nodes) else None
+        self.discoveries += 1
         return set(self.node_of)
 
     def train(self, instruction: TrainInstruction, client_ids: list[str], timeout_s: float, *,
@@ -229,10 +255,12 @@ def main(grid: Grid, context: Context) -> None:
     with ctx.sessions() as s:
         job = s.get(Job, job_id)
         plan = JobPlan.from_config(job.config) if job is not None else None
-    expected = len(plan.clients) if plan and plan.clients else int(context.run_config.get("expected-nodes", 1))
+    expected = int(context.run_config.get("expected-nodes", 0))  # how many SuperNodes the first round waits for
+    if expected <= 0:
+        expected = len(plan.clients) if plan and plan.clients else 1
     transport = FlowerTransport(grid, expected_nodes=expected,
                                 node_wait_s=float(context.run_config.get("node-wait-s", 60)),
-                                poll_s=float(context.run_config.get("poll-s", 0.5)),
+                                poll_s=float(context.run_config.get("poll-s", DEFAULT_POLL_S)),
                                 registered_nodes=registered_nodes(ctx))
     results = run_job(ctx, job_id, transport, run_id=str(grid.run.run_id) if hasattr(grid, "run") else None)
     for r in results:

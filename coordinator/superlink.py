@@ -189,7 +189,7 @@ clientapp = "fedtune.client_agent.flower_app:app"
 [tool.flwr.app.config]
 job-id = "{job_id}"
 node-wait-s = 60
-expected-nodes = 1
+expected-nodes = 0
 """)
     return app_dir
 
