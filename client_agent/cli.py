@@ -160,6 +160,7 @@ def _run_agent(cfg: AgentConfig) -> int:
              f"log {cfg.state_dir / 'daemon.log'})")
         attach_supernode(agent, superlink_address=cfg.superlink, root_cert=cfg.root_cert,
                          auth_private_key=cfg.node_auth_key, clientappio_port=cfg.clientappio_port,
+                         pull_interval_s=cfg.pull_interval_s,
                          ready_timeout_s=math.inf)  # a large base may take long; the daemon dying ends the wait
         tls = "insecure (loopback)" if cfg.insecure else "TLS"
         auth = ", node auth" if cfg.node_auth_key else ""

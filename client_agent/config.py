@@ -62,6 +62,7 @@ class AgentConfig:
     state_dir: Path = Path("state")
     clientappio_port: int | None = None
     threads: int | None = None  # torch threads of the daemon; None: $FEDTUNE_AGENT_THREADS, else every CPU core
+    pull_interval_s: float = 0.5  # longest idle wait between the SuperNode's pulls at the SuperLink (Flower: 3 s)
 
     @property
     def dataset(self) -> str:
@@ -281,6 +282,13 @@ def _threads(name: str, value: Any, _base: Path) -> int:
     return value
 
 
+def _pull_interval(name: str, value: Any, _base: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.05 <= value <= 3:
+        raise AgentConfigError(f"{name} must be 0.05 to 3 seconds (each idle site asks the SuperLink 1/{name} "
+                               f"times a second), not {value!r}")
+    return float(value)
+
+
 def _superlink(name: str, value: Any, base: Path) -> str:
     address = _text(name, value, base)
     split_address(address)
@@ -291,5 +299,5 @@ _PARSERS = {
     "client_id": _client_id, "superlink": _superlink, "base": _path, "data": _path, "budget_epsilon": _positive,
     "root_cert": _path, "signing_key": _path, "node_auth_key": _path, "dataset_id": _text,
     "budget_delta": _delta, "device": _device, "state_dir": _path, "clientappio_port": _port,
-    "threads": _threads,
+    "threads": _threads, "pull_interval_s": _pull_interval,
 }

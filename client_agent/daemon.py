@@ -1,8 +1,9 @@
 """The local agent daemon: the long-lived process that holds the base, the key, the ledger and the data.
 
-flwr 1.41 starts a new ``flwr-clientapp`` process per message, so the heavy state cannot live in the
-ClientApp. It lives here, loaded once; the ClientApp (``flower_app.py``) forwards each message over
-a loopback-only HTTP API:
+The ClientApp holds nothing heavy: Flower's own executor would start a new ``flwr-clientapp`` process
+per message, and ours (``flower_node.py``) runs it warm in the SuperNode's process, neither of which
+should hold a base, a key or a ledger. They live here, loaded once; the ClientApp (``flower_app.py``)
+forwards each message over a loopback-only HTTP API:
 
 * ``GET  /v1/hello`` -> ``{"client_id", "protocol_version", "base_digest"}``
 * ``POST /v1/train`` (body: a train message's RecordDict, Flower protobuf bytes) -> the reply's
@@ -142,6 +143,7 @@ class Agent:
             return self._train_locked(ins)
 
     def _train_locked(self, ins: TrainInstruction) -> TrainReply | Refusal:
+        started = time.perf_counter()
         if ins.base_digest != self.base_digest:
             return self._refuse(ins, RefusalReason.BASE_DIGEST_MISMATCH,
                                 f"the job's base is {ins.base_digest}, this agent's base is {self.base_digest}")
@@ -182,8 +184,12 @@ class Agent:
                                  steps=plan.steps, accountant=plan.accountant, attempts=earlier,
                                  private_key=self.key)
         self.last_timing = TrainTiming({"train_s": train_s})
-        # For the benchmark: the round's wall time (unsigned; nothing privacy-relevant).
-        return dataclasses.replace(reply, metrics={**reply.metrics, "train_seconds": train_s})
+        # For the benchmark (unsigned; nothing privacy-relevant): the agent's whole time on the round, from the
+        # instruction read to the reply signed (planning the noise, the ledger, training, signing), so that what
+        # the round spends outside it is transport.
+        log.info("job %s round %d: %.3f s at the agent, of which training %.3f s", ins.job_id, ins.round,
+                 time.perf_counter() - started, train_s)
+        return dataclasses.replace(reply, metrics={**reply.metrics, "train_seconds": time.perf_counter() - started})
 
     def train_bytes(self, body: bytes) -> bytes:
         """The HTTP call: RecordDict bytes in, RecordDict bytes out.

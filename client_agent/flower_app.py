@@ -1,6 +1,7 @@
 """The Flower ClientApp: a thin forwarder to the local agent daemon (``daemon.py``).
 
-Flower runs this in a fresh ``flwr-clientapp`` process per message, so it holds nothing: it reads
+It runs warm in the SuperNode's process (``flower_node.py``; Flower's own executor would start a fresh
+``flwr-clientapp`` process per message, which works too) and holds nothing: it reads
 the daemon's endpoint file named by the SuperNode's ``agent-endpoint`` node-config value, forwards
 the message content as Flower protobuf bytes, and turns the daemon's answer into the reply. It
 imports neither torch nor the model (a per-message process should start fast).

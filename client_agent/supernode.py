@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedtune.client_agent.daemon import ENDPOINT_FILE
+from fedtune.client_agent.flower_node import DEFAULT_PULL_INTERVAL_S
 
 
 def write_supernode_auth_key(private_path: Path) -> Path:
@@ -153,15 +154,19 @@ def wait_for_endpoint(state_dir: Path, proc: subprocess.Popen, timeout_s: float 
 
 def start_supernode(*, endpoint_file: Path, state_dir: Path, flwr_home: Path, superlink_port: int | None = None,
                     superlink_address: str | None = None, root_cert: Path | None = None,
-                    auth_private_key: Path | None = None, clientappio_port: int | None = None) -> subprocess.Popen:
-    """Start ``flower-supernode`` connected to the SuperLink at ``superlink_address`` ("host:port"),
-    or, when that is None, at 127.0.0.1:``superlink_port``. Its log is ``state_dir/supernode.log``.
+                    auth_private_key: Path | None = None, clientappio_port: int | None = None,
+                    pull_interval_s: float = DEFAULT_PULL_INTERVAL_S) -> subprocess.Popen:
+    """Start Flower's SuperNode (``python -m fedtune.client_agent.flower_node``: the ClientApp kept warm
+    in its process, idle pulls every ``pull_interval_s``) connected to the SuperLink at
+    ``superlink_address`` ("host:port"), or, when that is None, at 127.0.0.1:``superlink_port``. Its
+    Runtime API listens on 127.0.0.1 only. Its log is ``state_dir/supernode.log``.
 
     Raises:
         ValueError: neither ``superlink_address`` nor ``superlink_port`` is given.
     """
-    args = [_bin("flower-supernode"), "--superlink", _superlink_address(superlink_port, superlink_address),
-            "--port", str(clientappio_port or _free_port()),
+    args = [sys.executable, "-m", "fedtune.client_agent.flower_node", "--pull-interval-s", f"{pull_interval_s:g}",
+            "--superlink", _superlink_address(superlink_port, superlink_address),
+            "--host", "127.0.0.1", "--port", str(clientappio_port or _free_port()),
             "--node-config", f"agent-endpoint='{endpoint_file}'"]
     args += ["--root-certificates", str(root_cert)] if root_cert else ["--insecure"]
     if auth_private_key is not None:
@@ -169,7 +174,7 @@ def start_supernode(*, endpoint_file: Path, state_dir: Path, flwr_home: Path, su
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1",
-           # flower-supernode starts flower-superexec / flwr-clientapp by name: find this venv's
+           # Flower looks up its own commands by name: find this venv's
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     return _spawn(args, state_dir / "supernode.log", env)
 
@@ -195,7 +200,8 @@ def start_agent(*, client_id: str, base: Path, key: Path, data: Path, state_dir:
 
 def attach_supernode(agent: AgentProcesses, *, superlink_port: int | None = None, superlink_address: str | None = None,
                      root_cert: Path | None = None, auth_private_key: Path | None = None,
-                     clientappio_port: int | None = None, ready_timeout_s: float = 180.0) -> None:
+                     clientappio_port: int | None = None, ready_timeout_s: float = 180.0,
+                     pull_interval_s: float = DEFAULT_PULL_INTERVAL_S) -> None:
     """Wait (up to ``ready_timeout_s``) for the agent's daemon, then start its SuperNode; on any
     failure, or an interrupt while waiting, stop the agent's processes and re-raise."""
     try:
@@ -203,7 +209,8 @@ def attach_supernode(agent: AgentProcesses, *, superlink_port: int | None = None
         agent.supernode = start_supernode(superlink_port=superlink_port, superlink_address=superlink_address,
                                           endpoint_file=endpoint, state_dir=agent.state_dir,
                                           flwr_home=agent.state_dir / "flwr-home", root_cert=root_cert,
-                                          auth_private_key=auth_private_key, clientappio_port=clientappio_port)
+                                          auth_private_key=auth_private_key, clientappio_port=clientappio_port,
+                                          pull_interval_s=pull_interval_s)
     except BaseException:
         agent.stop()
         raise

@@ -142,6 +142,8 @@ def test_cuda_is_refused_when_torch_sees_no_gpu(site, monkeypatch):
     ('device = "tpu"', "device must be one of cpu, cuda"),
     ("clientappio_port = 70000", "clientappio_port must be a port number"),
     ("threads = 0", "threads must be a number of CPU threads"),
+    ("pull_interval_s = 5", "pull_interval_s must be 0.05 to 3 seconds"),
+    ("pull_interval_s = 0", "pull_interval_s must be 0.05 to 3 seconds"),
     ('client_id = "bank a"', "is not a client id"),
 ])
 def test_bad_values_are_refused_by_name(site, line, match):
@@ -323,7 +325,7 @@ def test_agent_run_connects_and_stops_cleanly_on_sigint(tmp_path, superlink):
     children = _wait_for("connected to", proc, out)
     commands = [_cmdline(pid) for pid in children]
     assert any("fedtune.client_agent.daemon" in c for c in commands), commands
-    assert any("flower-supernode" in c for c in commands), commands
+    assert any("fedtune.client_agent.flower_node" in c for c in commands), commands  # Flower's SuperNode, warm ClientApp
     daemon = next(pid for pid, c in zip(children, commands, strict=True) if "fedtune.client_agent.daemon" in c)
     environ = Path(f"/proc/{daemon}/environ").read_bytes().split(b"\0")
     expected = os.environ.get("FEDTUNE_AGENT_THREADS") or str(os.cpu_count())  # no `threads` key: every core

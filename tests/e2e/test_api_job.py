@@ -359,7 +359,7 @@ def test_a_consortium_set_up_and_run_as_the_deployment_guide_says(deployment):
     sessions = {p.popen.pid for p in (d["serve"], *d["agents"].values())}
     running = _left_in_sessions(sessions)  # what must be gone afterwards: the Flower processes are in there
     assert sum("flower-superlink" in p for p in running) == 1, running
-    assert sum("flower-supernode" in p for p in running) == len(CLIENTS), running
+    assert sum("fedtune.client_agent.flower_node" in p for p in running) == len(CLIENTS), running
     for i, agent in enumerate(d["agents"].values()):
         agent.popen.send_signal(signal.SIGINT if i == 0 else signal.SIGTERM)
     for client, agent in d["agents"].items():

@@ -1,0 +1,198 @@
+"""The agent's Flower SuperNode, with the ClientApp kept warm and a pull interval the site sets.
+
+``python -m fedtune.client_agent.flower_node --pull-interval-s 0.5 [flower-supernode arguments]``
+runs Flower's own SuperNode (``flwr.supernode.cli.flower_supernode``: the same fleet connection,
+node authentication, TLS, node state and Runtime API as ``flower-supernode``) with two changes,
+both for round latency (issue 16, measured in ``benchmarks/round.py``):
+
+* **The ClientApp runs warm in this process.** ``flower-supernode`` in its default ``subprocess``
+  isolation starts ``flower-superexec``, which starts a new ``flwr-clientapp`` process for every
+  message: importing flwr and our app, unpacking the FAB, about 2 s per message on a site's CPU
+  before the first byte reaches the agent. Here the SuperNode runs with ``--isolation process``
+  (Flower's mode for an executor that lives outside the SuperNode) and :class:`WarmExecutor`, a
+  thread of this process, is that executor: it asks the SuperNode's Runtime API for a task as
+  ``flower-superexec`` does, then runs it as ``flwr-clientapp`` does (pull the task's message and
+  context, call the ClientApp, push the reply and the task's output, a heartbeat while it runs),
+  with ``fedtune.client_agent.flower_app:app`` imported once. The FAB is not unpacked: it carries
+  no code (``coordinator/superlink.py``); both ends import the installed fedtune.
+* **The SuperNode's idle pull interval.** Flower's SuperNode that pulled no message sleeps a fixed
+  3 s before it asks the SuperLink again (``start_client_internal``), so a round's message waits up
+  to 3 s at every site; Flower 1.41 and 1.42 expose no setting for it. This module replaces that
+  module's ``time`` with :class:`_ShortSleeps`, whose ``sleep`` never sleeps longer than the
+  interval: an idle site then asks the SuperLink ``1 / interval`` times a second (the load to plan
+  for at the SuperLink: sites / interval requests a second). The same bound shortens the
+  SuperNode's 0.5 s wait for a reply.
+
+Both touch Flower's internals by name (the module's ``time``, the Runtime API calls of
+``run_clientapp``); flwr is pinned, and the e2e tests run every round through this module, so an
+upgrade that moves them fails there, not in production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+import types
+
+log = logging.getLogger("fedtune.flower_node")
+
+DEFAULT_PULL_INTERVAL_S = 0.5
+TASK_POLL_S = 0.05  # how often the warm executor asks the SuperNode (in-process loopback) for a task
+
+
+class _ShortSleeps(types.ModuleType):
+    """``time`` for Flower's SuperNode loop: every attribute is the real module's, except that ``sleep``
+    never sleeps longer than ``longest`` seconds."""
+
+    def __init__(self, longest: float) -> None:
+        super().__init__("time")
+        self.longest = longest
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.longest))
+
+
+class WarmExecutor(threading.Thread):
+    """Run every ClientApp task of the SuperNode at ``runtime_api_address`` in this process."""
+
+    def __init__(self, runtime_api_address: str, *, poll_s: float = TASK_POLL_S) -> None:
+        super().__init__(name="fedtune-warm-clientapp", daemon=True)
+        self.address = runtime_api_address
+        self.poll_s = poll_s
+        self.tasks_run = 0
+
+    def run(self) -> None:
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        from fedtune.client_agent.flower_app import app
+
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+            retry_invoker=make_simple_http_retry_invoker())
+        while True:
+            try:
+                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
+            except Exception as e:  # noqa: BLE001 - the SuperNode's API starting or restarting: ask again
+                log.debug("acquire task: %s", e)
+                time.sleep(1.0)
+                continue
+            if res.HasField("task") and res.token:
+                self._run_task(app, res.token)
+                self.tasks_run += 1
+                continue  # another message may be waiting
+            time.sleep(self.poll_s)
+
+    def _run_task(self, app, token: str) -> None:
+        """What ``flwr-clientapp --token`` does for one task, minus the process, the FAB and the exit."""
+        from flwr.app import Message
+        from flwr.app.error import Error
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supercore.heartbeat import HeartbeatSender
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                          RuntimeTokenHttpInterceptor(token)],
+            retry_invoker=make_simple_http_retry_invoker())
+        heartbeat = HeartbeatSender(_heartbeat_fn(client))
+        message = context = reply = None
+        status, details = SubStatus.FAILED, "ClientApp task failed"
+        started = time.monotonic()
+        try:
+            heartbeat.start()
+            message, context, _run, _fab = pull_task_input(client)
+            pulled = time.monotonic()
+            reply = app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+            log.info("task %s: %s message pulled in %.3f s, ClientApp %.3f s", message.metadata.group_id or "-",
+                     message.metadata.message_type, pulled - started, time.monotonic() - pulled)
+        except Exception as e:  # noqa: BLE001 - the error goes back to the SuperLink, as flwr-clientapp does
+            log.exception("ClientApp task failed")
+            details = f"{type(e)}:<'{e}'>"
+            if message is not None:
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+            except Exception:  # noqa: BLE001
+                log.exception("pushing the ClientApp's reply failed")
+            push_task_output(client, context, status, details)
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+            log.info("task done in %.3f s (%s)", time.monotonic() - started, status)
+
+
+def _heartbeat_fn(client):
+    """Flower's task heartbeat, without what ``make_task_heartbeat_fn_http`` does when the SuperNode says the
+    task is gone (``raise_signal(SIGINT)``: it would stop this whole SuperNode, not one task). The task's
+    reply is then refused at the push, which is logged."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    def beat() -> bool:
+        try:
+            res = client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+        except (httpx.TransportError, httpx.HTTPStatusError):
+            return False
+        if not res.success:
+            log.warning("the SuperNode no longer knows the running task (expired?): its reply will be refused")
+        return True
+
+    return beat
+
+
+def _runtime_address(argv: list[str]) -> str:
+    """The SuperNode's Runtime API address from its ``--host`` / ``--port`` arguments (Flower's defaults)."""
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    args, _ = _parse_args_run_supernode().parse_known_args(argv)
+    host = args.host if args.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Flower's SuperNode with the fedtune ClientApp kept warm in-process; every other argument "
+                    "goes to flower-supernode (see `flower-supernode --help`).")
+    parser.add_argument("--pull-interval-s", type=float, default=DEFAULT_PULL_INTERVAL_S,
+                        help="longest wait between the SuperNode's pulls at the SuperLink while idle (Flower: 3 s); "
+                             "each idle site makes 1/interval requests a second")
+    ours, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if not 0.05 <= ours.pull_interval_s <= 3.0:
+        parser.error(f"--pull-interval-s {ours.pull_interval_s}: give 0.05 to 3 seconds")
+    if "--isolation" in rest:
+        parser.error("--isolation is set by this command (process: the ClientApp runs warm here)")
+    handler = logging.StreamHandler()  # Flower logs through its own handler; ours adds times to our lines
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    import flwr.supernode.start_client_internal as internal
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    internal.time = _ShortSleeps(ours.pull_interval_s)
+    rest = [*rest, "--isolation", "process"]
+    WarmExecutor(_runtime_address(rest)).start()
+    sys.argv = ["flower-supernode", *rest]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()
