@@ -92,23 +92,45 @@ def append_audit_event(
             raise ValueError(f"audit record field {name} must be a non-empty string, got {value!r}")
     if occurred_at is not None and occurred_at.utcoffset() is None:
         raise ValueError(f"naive datetime {occurred_at!r}: audit times are timezone-aware")
-    _lock_audit_log(session)
-    last = session.execute(select(AuditEvent.seq, AuditEvent.record_hash)
-                           .order_by(AuditEvent.seq.desc()).limit(1)).one_or_none()
+    last_seq, prev_hash = _log_tail(session)
     fields: dict[str, Any] = {
-        "seq": last.seq + 1 if last else 1, "event_id": str(uuid.uuid4()),
+        "seq": last_seq + 1, "event_id": str(uuid.uuid4()),
         "occurred_at": (occurred_at or datetime.now(UTC)).astimezone(UTC),
         "actor_type": actor_type, "actor_id": actor_id, "actor_role": actor_role or None, "action": action,
         "resource_type": resource_type, "resource_id": resource_id or None, "outcome": outcome,
         "reason_code": reason_code or None, "origin": origin or None, "request_id": request_id or None,
         "context": json.loads(canonical_json(context or {})),
     }
-    prev_hash = last.record_hash if last else GENESIS_HASH
     record_hash = chain_hash(prev_hash, canonical_record(fields))
     event = AuditEvent(**fields, prev_hash=prev_hash, record_hash=record_hash)
     session.add(event)
     session.flush()
+    session.info[_TAIL_KEY] = (_transaction_of(session), event.seq, record_hash)
     return event
+
+
+# session.info key: the log's tail as this session's transaction last appended to it.
+_TAIL_KEY = "fedtune.audit_tail"
+
+
+def _transaction_of(session: Session) -> tuple[Any, Any]:
+    return session.get_transaction(), session.get_nested_transaction()
+
+
+def _log_tail(session: Session) -> tuple[int, str]:
+    """The last record's (seq, record_hash), or (0, genesis), with the append lock held.
+
+    A transaction that has appended already holds the lock until it ends, so nobody else appended
+    since: its own last append is the tail, and neither the lock nor the tail is asked for again
+    (a round appends a few records per client in one transaction). A savepoint begun or ended since
+    (its records may have been rolled back) makes it ask again."""
+    known = session.info.get(_TAIL_KEY)
+    if known is not None and known[0] == _transaction_of(session):
+        return known[1], known[2]
+    _lock_audit_log(session)
+    last = session.execute(select(AuditEvent.seq, AuditEvent.record_hash)
+                           .order_by(AuditEvent.seq.desc()).limit(1)).one_or_none()
+    return (last.seq, last.record_hash) if last else (0, GENESIS_HASH)
 
 
 def audit_record(event: AuditEvent) -> dict[str, Any]:
