@@ -37,10 +37,18 @@ it would have taken without stopping. A state whose names or shapes do not match
 updates is refused, not silently restarted.
 
 Memory: FedAvg, FFA, norm-clipped FedAvg, DP-FedAvg and the server optimizers consume
-``updates`` one at a time and keep only running sums (float64, one adapter's worth), so a
-generator of updates is never held whole; the server optimizers add their state, one (fedavgm)
-or two (fedadam, fedyogi) adapters' worth of the tensors sent. Trimmed mean and median need every
-client's value at each coordinate: they materialize all updates (n adapters' worth).
+``updates`` one at a time and keep only running sums and a buffer to convert the next update in
+(float64, two adapters' worth), so a generator of updates is never held whole: their memory does not
+depend on the number of clients.
+The server optimizers add their state, one (fedavgm) or two (fedadam, fedyogi) adapters' worth of
+the tensors sent. Trimmed mean and median need every client's value at each coordinate: they hold
+all n updates as received (n adapters' worth, float32 for our adapters), plus, one tensor at a
+time, that tensor of all n updates stacked in float64 and sorted (values and int64 indices): about
+``n * (adapter bytes + 28 * largest tensor's elements)`` in all. For the small preset's rank-16
+LoRA (1.84 MB per update, largest tensor 24,576 elements) that is about 2.5 MB per client: 2.5 GB
+at 1,000 clients (FFA: 1.6 GB); run them on consortia, not crowds, or give the coordinator the memory.
+``WEIGHTED_METHODS`` names the strategies whose result depends on the weights: the round engine
+must know every client's capped weight before such a result is final (``coordinator/intake.py``).
 
 Weights: FedAvg, FFA, norm-clipped FedAvg and the server optimizers weight by ``records``.
 Trimmed mean, median and DP-FedAvg are unweighted: robust statistics by definition, and
@@ -157,10 +165,14 @@ class AggregationError(ValueError):
 
 
 class _RunningSum:
-    """Sum of weighted tensors in float64, checked to carry the same names in every update."""
+    """Sum of weighted tensors in float64, checked to carry the same names in every update.
+
+    An update that is not float64 is converted in a buffer kept for the next one (one adapter's
+    worth): a fresh float64 copy per update costs more in page faults than the addition."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] | None = None
+        self._scratch: dict[str, torch.Tensor] = {}
         self.total_weight = 0.0
         self.count = 0
 
@@ -169,11 +181,13 @@ class _RunningSum:
             raise AggregationError(f"client {client_id!r}: weight {weight} must be positive and finite")
         if self.sums is None:
             self.sums = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in tensors.items()}
+            self._scratch = {name: torch.empty(t.shape, dtype=torch.float64) for name, t in tensors.items()}
         elif tensors.keys() != self.sums.keys():
             raise AggregationError(f"client {client_id!r} sent tensors {sorted(tensors)[:3]}..., others sent "
                                    f"{sorted(self.sums)[:3]}...")
         for name, t in tensors.items():
-            self.sums[name].add_(t.to(torch.float64), alpha=weight)
+            value = t if t.dtype == torch.float64 else self._scratch[name].copy_(t)  # exact: float64 holds it
+            self.sums[name].add_(value, alpha=weight)
         self.total_weight += weight
         self.count += 1
 
@@ -309,8 +323,11 @@ def aggregate_clipped_fedavg(updates: Iterable[ClientUpdate], *, current: Mappin
                              clip_norm=clip_norm, clipped_clients=tuple(clipped))
 
 
-def _stack(updates: Iterable[ClientUpdate]) -> tuple[dict[str, torch.Tensor], int]:
-    """All updates stacked per tensor: ``[n, *shape]`` float64 (holds n adapters in memory)."""
+def _per_coordinate(updates: Iterable[ClientUpdate],
+                    reduce: Callable[[torch.Tensor, int], torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """``reduce(stacked, n)`` of every tensor, where ``stacked`` is that tensor of all n updates,
+    ``[n, *shape]`` float64. Holds every update (n adapters as received) and, one tensor at a time,
+    its float64 stack and what ``reduce`` makes of it (a sort: values and indices)."""
     updates = list(updates)
     if not updates:
         raise AggregationError("no updates to aggregate")
@@ -319,21 +336,29 @@ def _stack(updates: Iterable[ClientUpdate]) -> tuple[dict[str, torch.Tensor], in
         if update.tensors.keys() != names:
             raise AggregationError(f"client {update.client_id!r} sent other tensor names than "
                                    f"{updates[0].client_id!r}")
-    stacked = {name: torch.stack([u.tensors[name].to(torch.float64) for u in updates]) for name in names}
-    return stacked, len(updates)
+    n = len(updates)
+    reduced = {}
+    for name in names:
+        stacked = torch.stack([u.tensors[name] for u in updates]).to(torch.float64)  # [n, *shape]
+        reduced[name] = reduce(stacked, n)
+        del stacked
+    return reduced, n
 
 
 def aggregate_trimmed_mean(updates: Iterable[ClientUpdate], *, current: Mapping[str, torch.Tensor],
                            config: AggregationConfig,
                            server_state: Mapping[str, torch.Tensor] | None = None) -> AggregationResult:
     """Coordinate-wise trimmed mean: per coordinate, drop the k = floor(trim_fraction * n) smallest
-    and k largest values and average the rest (unweighted). Holds all updates in memory.
-    Ignores ``server_lr`` and takes no server state."""
+    and k largest values and average the rest (unweighted). Holds all updates in memory (the bound
+    is in the module docstring). Ignores ``server_lr`` and takes no server state."""
     if not 0 <= config.trim_fraction < 0.5:
         raise AggregationError(f"trim_fraction {config.trim_fraction} must be in [0, 0.5)")
-    stacked, n = _stack(updates)
-    k = math.floor(config.trim_fraction * n)
-    trimmed = {name: torch.sort(s, dim=0).values[k:n - k].mean(dim=0) for name, s in stacked.items()}  # [*shape]
+
+    def trim(stacked: torch.Tensor, n: int) -> torch.Tensor:
+        k = math.floor(config.trim_fraction * n)
+        return torch.sort(stacked, dim=0).values[k:n - k].mean(dim=0)  # [*shape]
+
+    trimmed, n = _per_coordinate(updates, trim)
     return AggregationResult(_merge(current, trimmed), n, float(n))
 
 
@@ -341,10 +366,13 @@ def aggregate_median(updates: Iterable[ClientUpdate], *, current: Mapping[str, t
                      config: AggregationConfig,
                      server_state: Mapping[str, torch.Tensor] | None = None) -> AggregationResult:
     """Coordinate-wise median (the mean of the two middle values when n is even; unweighted).
-    Holds all updates in memory. Ignores ``server_lr`` and takes no server state."""
-    stacked, n = _stack(updates)
-    middle = {name: torch.sort(s, dim=0).values[(n - 1) // 2:n // 2 + 1].mean(dim=0) for name, s in stacked.items()}
-    return AggregationResult(_merge(current, middle), n, float(n))
+    Holds all updates in memory (the bound is in the module docstring). Ignores ``server_lr`` and
+    takes no server state."""
+    def middle(stacked: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.sort(stacked, dim=0).values[(n - 1) // 2:n // 2 + 1].mean(dim=0)  # [*shape]
+
+    medians, n = _per_coordinate(updates, middle)
+    return AggregationResult(_merge(current, medians), n, float(n))
 
 
 def aggregate_dp_fedavg(updates: Iterable[ClientUpdate], *, current: Mapping[str, torch.Tensor],
@@ -553,6 +581,9 @@ def aggregate_fedyogi(updates: Iterable[ClientUpdate], *, current: Mapping[str, 
     """FedYogi: weighted FedAvg, then a Yogi step (module docstring). State: ``"m/<name>"``, ``"v/<name>"``."""
     return _aggregate_with_server_optimizer(updates, current, config, server_state, _SERVER_OPTIMIZERS["fedyogi"])
 
+
+# Strategies whose result depends on the clients' weights (the others are unweighted by definition).
+WEIGHTED_METHODS = frozenset({"fedavg", "ffa", "clipped_fedavg", "fedavgm", "fedadam", "fedyogi"})
 
 AGGREGATORS: dict[str, Aggregator] = {
     "fedavg": aggregate_fedavg,
