@@ -12,15 +12,19 @@ One round:
 3. send one :class:`~fedtune.compliance.wire.TrainInstruction` (fresh nonce; the job's training
    config plus its number of rounds: agents calibrate each round's noise so that all rounds together
    meet the job's epsilon) and collect replies with the job's timeout;
-4. validate every reply (:func:`fedtune.coordinator.validation.validate_replies`);
+4. validate every reply as it arrives (:class:`fedtune.coordinator.validation.ReplyValidator`) and
+   fold each accepted update into the job's strategy (:data:`fedtune.coordinator.aggregation.AGGREGATORS`)
+   right away, keeping only its outcome (``intake.py``: memory independent of the number of clients
+   for every strategy but median and trimmed mean, whose bound ``aggregation.py`` states);
 5. quorum (the job's ``min_clients`` accepted updates) or the round fails;
-6. aggregate with the job's strategy (:data:`fedtune.coordinator.aggregation.AGGREGATORS`), each
-   update weighted by its signed record count, capped so that no client's share exceeds
-   ``aggregation.max_weight_multiple`` x an equal share; a server optimizer's state (FedAvgM,
-   FedAdam, FedYogi) is read from the parent version and stored with the new one, so a resumed job
-   continues exactly;
+6. each update is weighted by its signed record count, capped so that no client's share exceeds
+   ``aggregation.max_weight_multiple`` x an equal share; the cap is known only once every reply is
+   in, so when it binds the accepted updates are aggregated again, in order, from an encrypted spool
+   (``intake.py``); a server optimizer's state (FedAvgM, FedAdam, FedYogi) is read from the parent
+   version and stored with the new one, so a resumed job continues exactly;
 7. write the new adapter blob (encrypted, fsynced), then ONE transaction: the round row, update
-   rows, privacy-ledger rows, the adapter version and the audit events.
+   rows, privacy-ledger rows, the adapter version and the audit events (a few rows per reply: the
+   commit's cost grows linearly with the clients).
 
 Privacy ledger: one record-level row per training attempt a registered client signed for (protocol
 v2 receipts sign the mechanism), whatever became of it: ``committed`` (aggregated), ``rejected``,
@@ -40,17 +44,17 @@ whole ``round_timeout_s``. Strike policy (``strikes``): a client with that many 
 rejected within that many rounds is suspended from the job (audited; not selected until an operator
 lifts it through the admin API).
 
-Crash safety: nothing is written before step 7, and step 7 is one transaction. A crash before
-the commit leaves the before-state (plus, at most, a blob file no row names: an orphan that
-:func:`collect_orphan_blobs` deletes at start-up); a crash after it leaves the after-state. The
-round number is taken again by the next attempt with a fresh nonce, so replies to the crashed
-attempt fail validation as ``wrong_nonce``. The commit re-checks that its parent version is still
-the newest, so two coordinators on one job cannot both append a version.
+Crash safety: nothing is written before step 7 (the spool is an unlinked temporary file), and step 7
+is one transaction. A crash before the commit leaves the before-state (plus, at most, a blob file no
+row names: an orphan that :func:`collect_orphan_blobs` deletes at start-up); a crash after it leaves
+the after-state. The round number is taken again by the next attempt with a fresh nonce, so replies
+to the crashed attempt fail validation as ``wrong_nonce``. The commit re-checks that its parent
+version is still the newest, so two coordinators on one job cannot both append a version.
 
 Failpoints (a test hook, inert unless set): with ``FEDTUNE_FAILPOINT`` equal to one of
-``round.replies_received`` (replies in, nothing written), ``round.blob_written`` (blob on disk, no
-transaction yet), ``round.before_commit`` (every row flushed inside the open transaction) or
-``round.committed`` (right after the commit), the process kills itself with SIGKILL there;
+``round.replies_received`` (replies in and validated, nothing written), ``round.blob_written`` (blob
+on disk, no transaction yet), ``round.before_commit`` (every row flushed inside the open transaction)
+or ``round.committed`` (right after the commit), the process kills itself with SIGKILL there;
 tests/coordinator/test_crash.py checks the store after each.
 
 Job config (``jobs.config``, JSON) read here::
@@ -67,13 +71,14 @@ Job config (``jobs.config``, JSON) read here::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import secrets
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,7 +92,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from fedtune.compliance.accounting import AccountingError, Mechanism, SpendRow, composed_epsilon, total_spend
 from fedtune.compliance.wire import (
     ACCOUNTANTS,
-    Attempt,
     Refusal,
     TrainInstruction,
     TrainReply,
@@ -96,14 +100,16 @@ from fedtune.compliance.wire import (
     new_nonce,
 )
 from fedtune.coordinator.aggregation import (
+    WEIGHTED_METHODS,
     AggregationConfig,
     AggregationError,
-    ClientUpdate,
+    AggregationResult,
     aggregate,
     cap_weights,
     client_level_epsilon,
 )
 from fedtune.coordinator.encryption import BlobKey, read_encrypted_blob, write_encrypted_blob
+from fedtune.coordinator.intake import RoundIntake, SignedAttempt, UpdateSpool
 from fedtune.coordinator.store import (
     AdapterVersion,
     Client,
@@ -122,10 +128,9 @@ from fedtune.coordinator.validation import (
     RegisteredClient,
     Rejected,
     RejectReason,
+    ReplyValidator,
     RoundExpectation,
     attempt_mechanism,
-    signed_spend,
-    validate_replies,
 )
 
 log = logging.getLogger(__name__)
@@ -137,6 +142,7 @@ BLOB_SUFFIX = ".ftb"
 SERVER_STATE_PREFIX = "fedtune.server_state/"
 
 Reply = TrainReply | Refusal | Rejected
+Entries = list[tuple[Outcome, int | None]]  # (validation outcome, sending node) per reply, in arrival order
 FAILPOINT_ENV = "FEDTUNE_FAILPOINT"
 UNSIGNED_RECORDS_PER_NODE = 3  # audit records of unsigned rejections per node per round; the rest are counted
 
@@ -172,10 +178,12 @@ class RoundTransport(Protocol):
         ...
 
     def train(self, instruction: TrainInstruction, client_ids: list[str], timeout_s: float, *,
-              quorum: int | None = None, grace_s: float | None = None) -> list[Reply | FromNode]:
+              quorum: int | None = None, grace_s: float | None = None) -> Iterable[Reply | FromNode]:
         """Send ``instruction`` to each client and return the decoded replies that arrived in time
         (undecodable ones as :class:`Rejected`), in arrival order, each with its sending node when the
-        transport knows it. Once ``quorum`` updates are in, wait at most ``grace_s`` for the rest."""
+        transport knows it. Once ``quorum`` updates are in, wait at most ``grace_s`` for the rest.
+        A generator that yields each reply as it arrives lets the engine validate and aggregate it
+        then and drop it (``intake.py``); a list holds every reply until the round has read them all."""
         ...
 
 
@@ -525,59 +533,98 @@ def run_round(ctx: CoordinatorContext, job_id: str, transport: RoundTransport) -
     if len(result.selected) < plan.min_clients:
         result.failure_reason = "not_enough_clients"
         result.timings["load_s"] = time.perf_counter() - t0
-        _commit_failed(ctx, start, result, nonce, started_at, _Received([], {}), spend=[],
+        _commit_failed(ctx, start, result, nonce, started_at, [], spend=[],
                        message=f"{len(result.selected)} eligible and connected clients, the job needs "
                                f"{plan.min_clients}")
         return result
     instruction = TrainInstruction(job_id=job_id, round=start.number, nonce=nonce, base_digest=start.base_digest,
                                    config=plan.instruction_config(), adapter=start.current)
-    t1 = time.perf_counter()
-    received = [r if isinstance(r, FromNode) else FromNode(r) for r in transport.train(
-        instruction, result.selected, plan.round_timeout_s, quorum=plan.min_clients, grace_s=plan.straggler_grace_s)]
-    replies, nodes = [f.reply for f in received], [f.node_id for f in received]
-    t2 = time.perf_counter()
-    _failpoint("round.replies_received")
     expected = RoundExpectation(job_id=job_id, round=start.number, nonce=nonce, base_digest=start.base_digest,
                                 current=start.current, norm_bound=plan.norm_bound, max_epsilon=plan.max_epsilon,
                                 batch_size=plan.batch_size, declared_records=plan.declared_records)
-    outcomes = validate_replies(replies, expected=expected, clients=start.clients)
-    spend = _signed_spend(replies, outcomes, start)
-    received_from = dict(zip(map(id, outcomes), nodes, strict=True))  # outcome -> sending node
-    t3 = time.perf_counter()
-    _classify(outcomes, result)
-    result.missing = [c for c in result.selected if c not in _answered(outcomes)]
-    result.timings.update(load_s=t1 - t0, transport_and_train_s=t2 - t1, validate_s=t3 - t2)
-    accepted = [o for o in outcomes if isinstance(o, Accepted)]
-    if len(accepted) < plan.min_clients:
-        result.failure_reason = "quorum_not_met"
-        _commit_failed(ctx, start, result, nonce, started_at, _Received(outcomes, received_from), spend,
-                       message=f"{len(accepted)} accepted updates, the job needs {plan.min_clients}")
-        return result
-    try:
-        weights = cap_weights({a.client_id: float(a.records) for a in accepted},
-                              plan.aggregation.max_weight_multiple)
-        aggregated = aggregate((ClientUpdate(a.client_id, a.tensors, weights[a.client_id]) for a in accepted),
-                               current=start.current, config=plan.aggregation, server_state=start.server_state)
-    except AggregationError as e:
-        result.failure_reason = "aggregation_failed"
-        _commit_failed(ctx, start, result, nonce, started_at, _Received(outcomes, received_from), spend,
-                       message=str(e))
-        return result
-    capped = {a.client_id: weights[a.client_id] for a in accepted if weights[a.client_id] < a.records}
+    t1 = time.perf_counter()
+    replies = transport.train(instruction, result.selected, plan.round_timeout_s, quorum=plan.min_clients,
+                              grace_s=plan.straggler_grace_s)
+    called_s = time.perf_counter() - t1  # a transport that returns a list waited for every reply here
+    spooled = plan.aggregation.method in WEIGHTED_METHODS and plan.aggregation.max_weight_multiple is not None
+    with UpdateSpool(ctx.blob_dir, start.current) if spooled else contextlib.nullcontext() as spool:
+        intake = RoundIntake(_from_nodes(replies), validator=ReplyValidator(expected=expected, clients=start.clients),
+                             job_id=job_id, clients=start.clients, spool=spool)
+        streamed, error = _aggregate_as_replies_arrive(intake, start)
+        t2 = time.perf_counter()
+        _failpoint("round.replies_received")
+        entries, spend, accepted = intake.entries, intake.spend, intake.accepted
+        _classify(intake.outcomes, result)
+        result.missing = [c for c in result.selected if c not in _answered(intake.outcomes)]
+        result.timings.update(load_s=t1 - t0, transport_and_train_s=called_s + intake.transport_s,
+                              validate_s=intake.validate_s)
+        aggregate_s = t2 - t1 - called_s - intake.transport_s - intake.validate_s
+        if len(accepted) < plan.min_clients:
+            result.failure_reason = "quorum_not_met"
+            _commit_failed(ctx, start, result, nonce, started_at, entries, spend,
+                           message=f"{len(accepted)} accepted updates, the job needs {plan.min_clients}")
+            return result
+        try:
+            aggregated, capped = _capped_aggregate(start, accepted, streamed, error, spool)
+        except AggregationError as e:
+            result.failure_reason = "aggregation_failed"
+            _commit_failed(ctx, start, result, nonce, started_at, entries, spend, message=str(e))
+            return result
     t4 = time.perf_counter()
-    result.timings["aggregate_s"] = t4 - t3
+    result.timings["aggregate_s"] = aggregate_s + (t4 - t2)
     try:
-        _commit_completed(ctx, start, result, nonce, started_at, _Received(outcomes, received_from), spend, accepted,
-                          aggregated, capped)
+        _commit_completed(ctx, start, result, nonce, started_at, entries, spend, accepted, aggregated, capped)
     except (JobStopped, RoundEngineError):
         raise
     except Exception as e:  # a value the store refused: the round fails, the job goes on
         log.exception("job %s round %d: the commit failed; recording the round as failed", job_id, start.number)
         result.failure_reason = "commit_failed"
-        _commit_failed(ctx, start, result, nonce, started_at, _Received(outcomes, received_from), spend,
+        _commit_failed(ctx, start, result, nonce, started_at, entries, spend,
                        message=f"{type(e).__name__}: {str(e)[:300]}")
     result.timings["persist_s"] = time.perf_counter() - t4
     return result
+
+
+def _capped_aggregate(start: _RoundStart, accepted: list[Accepted], streamed: AggregationResult | None,
+                      error: AggregationError | None,
+                      spool: UpdateSpool | None) -> tuple[AggregationResult, dict[str, float]]:
+    """The round's aggregate with every weight capped (:func:`cap_weights`), and the capped weights: the
+    streamed aggregate when no cap binds (its weights were final), else the spooled updates aggregated
+    again with the capped weights. Raises the error that stopped the streamed aggregation, if any."""
+    if error is not None:
+        raise error
+    config = start.plan.aggregation
+    claimed = {a.client_id: float(a.records) for a in accepted}
+    weights = cap_weights(claimed, config.max_weight_multiple)
+    aggregated = streamed
+    assert aggregated is not None, "no error and no result: the strategy always returns one"
+    if weights != claimed and config.method in WEIGHTED_METHODS:
+        assert spool is not None, "a weighted strategy with a cap always spools"
+        aggregated = aggregate(spool.replay(weights), current=start.current, config=config,
+                               server_state=start.server_state)
+    return aggregated, {a.client_id: weights[a.client_id] for a in accepted if weights[a.client_id] < a.records}
+
+
+def _from_nodes(replies: Iterable[Reply | FromNode]) -> Iterator[tuple[Reply, int | None]]:
+    for r in replies:
+        yield (r.reply, r.node_id) if isinstance(r, FromNode) else (r, None)
+
+
+def _aggregate_as_replies_arrive(intake: RoundIntake,
+                                 start: _RoundStart) -> tuple[AggregationResult | None, AggregationError | None]:
+    """Aggregate the intake's updates as they arrive, with the weights as claimed (``coordinator/intake.py``),
+    then take in whatever replies are left. Returns the result, or the error that stopped the strategy; a
+    bad weight cap is refused before any update is folded (as it was refused before aggregating)."""
+    plan = start.plan
+    streamed, error = None, None
+    try:
+        cap_weights({}, plan.aggregation.max_weight_multiple)  # checks the cap setting alone
+        streamed = aggregate(intake.updates(), current=start.current, config=plan.aggregation,
+                             server_state=start.server_state)
+    except AggregationError as e:
+        error = e
+    intake.drain()
+    return streamed, error
 
 
 def _answered(outcomes: Iterable[Outcome]) -> set[str]:
@@ -596,42 +643,7 @@ def _classify(outcomes: list[Outcome], result: RoundResult) -> None:
             result.rejected.append((o.client_id, str(o.reason_code)))
 
 
-@dataclass(frozen=True)
-class _Received:
-    """The round's validation outcomes and, per outcome, the node that sent its reply."""
-
-    outcomes: list[Outcome]
-    node_of: dict[int, int | None]  # id(outcome) -> node id
-
-    def node(self, outcome: Outcome) -> int | None:
-        return self.node_of.get(id(outcome))
-
-
-@dataclass(frozen=True)
-class _SignedAttempt:
-    """An attempt a reply's signature vouches for: the reply's own (with its validation outcome) or
-    an earlier one it reports."""
-
-    client_id: str
-    attempt: Attempt
-    epsilon: float | None  # the signed claim for the reply's own attempt; None for a reported one
-    outcome: Outcome | None  # None for a reported attempt
-
-
-def _signed_spend(replies: list[Reply], outcomes: list[Outcome], start: _RoundStart) -> list[_SignedAttempt]:
-    """Every attempt the round's replies sign for (see :func:`fedtune.coordinator.validation.signed_spend`)."""
-    out = []
-    for reply, outcome in zip(replies, outcomes, strict=True):
-        signed = signed_spend(reply, job_id=start.job_id, clients=start.clients)
-        if signed is None:
-            continue
-        client_id, own, earlier = signed
-        out.append(_SignedAttempt(client_id, own, reply.receipt.epsilon, outcome))
-        out.extend(_SignedAttempt(client_id, a, None, None) for a in earlier)
-    return out
-
-
-def _write_spend(s: Session, start: _RoundStart, rnd: Round, spend: list[_SignedAttempt], round_failed: bool) -> None:
+def _write_spend(s: Session, start: _RoundStart, rnd: Round, spend: list[SignedAttempt], round_failed: bool) -> None:
     """One record-level ledger row per attempt not booked yet (by job, client and nonce)."""
     clients = sorted({a.client_id for a in spend})
     booked = set(s.execute(select(PrivacyLedgerEntry.client_id, PrivacyLedgerEntry.nonce).where(
@@ -708,7 +720,7 @@ def _audit(s: Session, action: str, resource_type: str, resource_id: str, outcom
 
 
 def _write_round(s: Session, start: _RoundStart, result: RoundResult, nonce: bytes, started_at: datetime,
-                 received: _Received, spend: list[_SignedAttempt], failure: str | None) -> Round:
+                 entries: Entries, spend: list[SignedAttempt], failure: str | None) -> Round:
     """The round row, update rows, the record-level ledger rows and one audit event per reply
     (inside the caller's transaction)."""
     job = s.get(Job, start.job_id)
@@ -726,7 +738,7 @@ def _write_round(s: Session, start: _RoundStart, result: RoundResult, nonce: byt
     _write_spend(s, start, rnd, spend, round_failed=failure is not None)
     base = {"job_id": start.job_id, "round": start.number}
     unsigned: dict[int | None, int] = {}  # node -> unsigned rejections seen this round
-    for o in received.outcomes:
+    for o, node in entries:
         res_id = f"{_round_resource(start.job_id, start.number)}/{o.client_id}"
         if isinstance(o, Accepted):
             s.add(Update(round_id=rnd.id, client_id=o.client_id, status="accepted", digest=o.digest,
@@ -744,12 +756,11 @@ def _write_round(s: Session, start: _RoundStart, result: RoundResult, nonce: byt
             _audit(s, "update.rejected", "update", res_id, "failure", str(o.reason_code), **base,
                    client_id=o.client_id, message=o.message[:500])
         else:  # nothing in it is the claimed client's word: recorded against the node that sent it
-            node = received.node(o)
             unsigned[node] = unsigned.get(node, 0) + 1
             if unsigned[node] <= UNSIGNED_RECORDS_PER_NODE:
                 _audit(s, "update.rejected", "node", _node_resource(start, node), "failure", str(o.reason_code),
                        **base, node_id=node, claimed_client_id=_claim(o.client_id), message=o.message[:500])
-    _apply_strikes(s, start, rnd, [o.client_id for o in received.outcomes
+    _apply_strikes(s, start, rnd, [o.client_id for o, _ in entries
                                    if isinstance(o, Rejected) and o.authenticated and o.client_id in start.clients])
     for node, claimed, why in result.discovery_refused[:100]:
         _audit(s, "discovery.refused", "node", _node_resource(start, node), "failure", "claim_refused", **base,
@@ -765,12 +776,12 @@ def _write_round(s: Session, start: _RoundStart, result: RoundResult, nonce: byt
 
 
 def _commit_failed(ctx: CoordinatorContext, start: _RoundStart, result: RoundResult, nonce: bytes,
-                   started_at: datetime, received: _Received, spend: list[_SignedAttempt], message: str) -> None:
+                   started_at: datetime, entries: Entries, spend: list[SignedAttempt], message: str) -> None:
     """The failed round in one transaction; if the store refuses it, again without the per-reply rows,
     then without the spend too (a round row and its audit record are always written)."""
     result.status = "failed"
     t = time.perf_counter()
-    attempts = ((received, spend), (_Received([], {}), spend), (_Received([], {}), []))
+    attempts: tuple[tuple[Entries, list[SignedAttempt]], ...] = ((entries, spend), ([], spend), ([], []))
     for i, (rec, spent) in enumerate(attempts):
         try:
             _write_failed(ctx, start, result, nonce, started_at, rec, spent, message)
@@ -786,9 +797,9 @@ def _commit_failed(ctx: CoordinatorContext, start: _RoundStart, result: RoundRes
 
 
 def _write_failed(ctx: CoordinatorContext, start: _RoundStart, result: RoundResult, nonce: bytes,
-                  started_at: datetime, received: _Received, spend: list[_SignedAttempt], message: str) -> None:
+                  started_at: datetime, entries: Entries, spend: list[SignedAttempt], message: str) -> None:
     with ctx.sessions.begin() as s:
-        _write_round(s, start, result, nonce, started_at, received, spend,
+        _write_round(s, start, result, nonce, started_at, entries, spend,
                      failure=f"{result.failure_reason}: {message}"[:2000])
         _audit(s, "round.failed", "round", _round_resource(start.job_id, start.number), "failure",
                result.failure_reason, job_id=start.job_id, round=start.number, message=message,
@@ -811,7 +822,7 @@ def _consecutive_failures(s: Session, job_id: str) -> int:
 
 
 def _commit_completed(ctx: CoordinatorContext, start: _RoundStart, result: RoundResult, nonce: bytes,
-                      started_at: datetime, received: _Received, spend: list[_SignedAttempt],
+                      started_at: datetime, entries: Entries, spend: list[SignedAttempt],
                       accepted: list[Accepted], aggregated: Any, capped: dict[str, float]) -> None:
     plan, job_id = start.plan, start.job_id
     version = start.parent.version + 1
@@ -823,7 +834,7 @@ def _commit_completed(ctx: CoordinatorContext, start: _RoundStart, result: Round
     result.status = "completed"
     try:
         with ctx.sessions.begin() as s:
-            rnd = _write_round(s, start, result, nonce, started_at, received, spend, failure=None)
+            rnd = _write_round(s, start, result, nonce, started_at, entries, spend, failure=None)
             contributors = [{"client_id": a.client_id, "records": a.records, "epsilon": a.epsilon, "delta": a.delta,
                              "digest": a.digest} for a in accepted]
             losses = [(a.metrics.get("loss"), a.records) for a in accepted]
