@@ -198,3 +198,63 @@ def test_coordinator_killed_mid_round_is_restarted_and_finishes_the_job(federati
     first_status = fed.wait(first, timeout_s=90)  # Flower fails it when its heartbeats stop (~40 s here)
     print(f"e2e crash: ServerApp killed {killed_at:.1f} s after flwr run (round 2 in flight); job finished by a "
           f"second run {elapsed:.1f} s after the first started; first run ended {first_status}")
+
+
+TEN = tuple(f"site-{i:02d}" for i in range(10))
+LATE, VICTIM = "site-09", "site-03"
+
+
+def _training(fed: Federation, client: str, number: int) -> bool:
+    """The client's agent reserved its budget for round ``number``: it got the message and is training."""
+    with PrivacyLedger(fed.root / client / "state" / "privacy_ledger.db") as ledger:
+        return any(r["round"] == number for r in ledger.runs())
+
+
+def test_ten_supernodes_one_killed_mid_round_one_joining_late(tmp_path, int4_base):
+    """10 sites as real processes (Flower SuperNode + agent daemon each): 9 are connected when the run starts,
+    the 10th connects while round 1 runs; one is SIGKILLed while it trains round 2. Round 2 completes at the
+    quorum (8) after the straggler grace; the late site takes part from the round after it connected (discovery
+    runs again when the node set changes); every accepted update has exactly one committed ledger row and one
+    audit record."""
+    fed = Federation(tmp_path, int4_base, clients=TEN)
+    job = {**JOB_CONFIG, "rounds": 3, "min_clients": 8, "clients": list(TEN), "straggler_grace_s": 5}
+    fed.register("job-10", job)
+    try:
+        fed.start(clients=TEN[:-1])
+        t = time.perf_counter()
+        run = fed.start_run("job-10", expected_nodes=9)
+        _wait_until(lambda: _training(fed, TEN[0], 1), 300, "round 1 in flight", fed, poll_s=0.05)
+        fed.join(LATE)
+        joined_at = time.perf_counter() - t
+        _wait_until(lambda: _training(fed, VICTIM, 2), 300, f"{VICTIM} training round 2", fed, poll_s=0.02)
+        fed.kill(VICTIM)
+        killed_at = time.perf_counter() - t
+        assert _versions(fed) == [0, 1], "round 2 committed before the kill: the test did not hit the round"
+        status = fed.wait(run, timeout_s=600)
+        elapsed = time.perf_counter() - t
+        assert status == "finished:completed", fed.logs()
+        with fed.ctx.sessions() as s:
+            assert s.get(Job, "job-10").status == "completed"
+            rounds = s.execute(select(Round).order_by(Round.number)).scalars().all()
+            versions = s.execute(select(AdapterVersion).order_by(AdapterVersion.version)).scalars().all()
+            ledger = s.execute(select(PrivacyLedgerEntry).where(PrivacyLedgerEntry.status == "committed")).scalars().all()
+            events = s.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars().all()
+        assert [(r.number, r.status) for r in rounds] == [(1, "completed"), (2, "completed"), (3, "completed")]
+        assert [v.version for v in versions] == [0, 1, 2, 3]
+        took = {v.version: sorted(c["client_id"] for c in v.contributors) for v in versions[1:]}
+        assert took[1] == sorted(TEN[:-1]), took  # the late site was not connected when round 1 was sent
+        assert VICTIM not in took[2] and len(took[2]) >= 8, took  # the quorum, without the killed site
+        # the late site connected during round 1: it is in round 2 if its node was up when round 2 went out, and
+        # in every round after that
+        first = 2 if LATE in took[2] else 3
+        assert LATE in took[3] and VICTIM not in took[3] and len(took[3]) == 9, took
+        # nothing counted twice: one committed ledger row and one accepted-update audit record per contribution
+        booked = sorted((e.client_id, e.round_number) for e in ledger)
+        assert booked == sorted((c, n) for n, cs in took.items() for c in cs)
+        accepted = [e.resource_id for e in events if e.action == "update.accepted"]
+        assert len(accepted) == len(set(accepted)) == sum(len(cs) for cs in took.values())
+    finally:
+        fed.stop()
+    print(f"e2e 10 nodes: {LATE} connected {joined_at:.1f} s after flwr run (first round: {first}), {VICTIM} "
+          f"killed {killed_at:.1f} s (training round 2), job finished {elapsed:.1f} s after flwr run; contributors "
+          f"per round {[len(took[v]) for v in (1, 2, 3)]}")

@@ -99,8 +99,9 @@ class Federation:
         lora = LoraSettings.from_json(config["train"]["lora"])
         create_initial_version(self.ctx, job_id, initial_adapter_state(load_pretrained(self.base), lora))
 
-    def start(self) -> None:
-        """SuperLink, then the agents' daemons (loading in parallel), then their SuperNodes."""
+    def start(self, clients: tuple[str, ...] | None = None) -> None:
+        """SuperLink, then every agent's daemon (loading in parallel), then the SuperNodes of ``clients``
+        (default: all; :meth:`join` connects another later)."""
         from fedtune.client_agent.supernode import attach_supernode, start_agent, write_supernode_auth_key
 
         self.port = free_port()
@@ -120,20 +121,41 @@ class Federation:
         self.flwr_home = write_flwr_home(self.root / "flwr-home", name=CONNECTION, port=self.port,
                                          root_cert=self.root_cert)
         self.app_dir = write_flower_app_dir(self.root / "app")
-        node_keys: dict[str, Path | None] = dict.fromkeys(self.clients)
+        self.node_keys: dict[str, Path | None] = dict.fromkeys(self.clients)
         if self.secure:  # the operator registers each site's public key before its SuperNode connects
             for client in self.clients:
-                node_keys[client] = self.root / client / "node-key"
-                public = write_supernode_auth_key(node_keys[client])
+                self.node_keys[client] = self.root / client / "node-key"
+                public = write_supernode_auth_key(self.node_keys[client])
                 register_supernode(public, flwr_home=self.flwr_home, connection=CONNECTION, cwd=self.root)
         for agent in self.agents:
-            attach_supernode(agent, superlink_port=self.port, root_cert=self.root_cert,
-                             auth_private_key=node_keys[agent.client_id])
+            if clients is None or agent.client_id in clients:
+                attach_supernode(agent, superlink_port=self.port, root_cert=self.root_cert,
+                                 auth_private_key=self.node_keys[agent.client_id])
 
-    def start_run(self, job_id: str) -> int:
-        """``flwr run`` of the job; returns the Flower run id."""
+    def join(self, client: str) -> None:
+        """Connect the SuperNode of an agent :meth:`start` left out (its daemon is loaded): a site joining."""
+        from fedtune.client_agent.supernode import attach_supernode
+
+        agent = next(a for a in self.agents if a.client_id == client)
+        attach_supernode(agent, superlink_port=self.port, root_cert=self.root_cert,
+                         auth_private_key=self.node_keys[client])
+
+    def kill(self, client: str) -> None:
+        """SIGKILL one agent's SuperNode and daemon (with their process groups): a site's host dying."""
+        import signal
+
+        agent = next(a for a in self.agents if a.client_id == client)
+        for proc in (agent.supernode, agent.daemon):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+    def start_run(self, job_id: str, expected_nodes: int | None = None) -> int:
+        """``flwr run`` of the job; returns the Flower run id. ``expected_nodes``: how many SuperNodes the
+        ServerApp waits for before its first round (default: every client)."""
+        expected = len(self.clients) if expected_nodes is None else expected_nodes
         return start_run(self.app_dir, flwr_home=self.flwr_home, connection=CONNECTION,
-                         run_config=f"job-id='{job_id}' expected-nodes={len(self.clients)}")
+                         run_config=f"job-id='{job_id}' expected-nodes={expected}")
 
     def wait(self, run_id: int, timeout_s: float = 420) -> str:
         """The run's final Flower status (``finished:completed`` when the ServerApp returned)."""
