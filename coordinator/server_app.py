@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -85,28 +85,32 @@ def bind_hellos(hellos: Iterable[tuple[int, str | None]],
     return node_of, refusals
 
 
-def collect_replies(grid: Grid, messages: list[Message], *, timeout_s: float, quorum: int | None = None,
-                    grace_s: float | None = None, poll_s: float = DEFAULT_POLL_S, counts: Callable[[Message], bool] | None = None,
-                    clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                    ) -> list[Message]:
-    """Push ``messages`` and pull replies every ``poll_s`` until all arrived, ``timeout_s`` passed, or
-    ``grace_s`` passed since ``quorum`` replies that ``counts`` (default: every reply) were in."""
+def iter_replies(grid: Grid, messages: list[Message], *, timeout_s: float, quorum: int | None = None,
+                 grace_s: float | None = None, poll_s: float = DEFAULT_POLL_S,
+                 counts: Callable[[Message], bool] | None = None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> Iterator[Message]:
+    """Push ``messages``, then yield each reply as a pull brings it (every ``poll_s``) until all arrived,
+    ``timeout_s`` passed, or ``grace_s`` passed since ``quorum`` replies that ``counts`` (default: every
+    reply) were in. The consumer's time between replies counts against the same clock."""
     pending = set(grid.push_messages(messages))
     deadline = clock() + timeout_s
-    replies: list[Message] = []
     counted = 0
     while pending:
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
             if counts is None or counts(reply):
                 counted += 1
                 if quorum is not None and grace_s is not None and counted == quorum:
                     deadline = min(deadline, clock() + grace_s)
+            yield reply
         if not pending or clock() >= deadline:
             break
         sleep(poll_s)
-    return replies
+
+
+def collect_replies(grid: Grid, messages: list[Message], **kwargs) -> list[Message]:
+    """Every reply :func:`iter_replies` yields (same arguments), as a list."""
+    return list(iter_replies(grid, messages, **kwargs))
 
 
 def _is_update(reply: Message) -> bool:
@@ -116,29 +120,36 @@ def _is_update(reply: Message) -> bool:
     return not reply.has_error() and REPLY_KEY in reply.content.config_records
 
 
+def interpret_reply(reply: Message, node_of: Mapping[str, int]) -> tuple[FromNode, int | None]:
+    """A Flower reply message as the round engine's reply with its sending node, and the bytes its client
+    uploaded (None when it is refused). A Flower error becomes a ``transport_error`` rejection with its
+    text; a reply for a client from another node than the client's is rejected (a relayed genuine reply)."""
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        text = f"Flower error {reply.error.code}: {str(reply.error.reason)[:500]}"
+        log.warning("node %s answered with an error: %s", node, text)
+        client = next((c for c, n in node_of.items() if n == node), None)
+        return FromNode(Rejected(client, RejectReason.TRANSPORT_ERROR, text), node), None
+    decoded = decode_reply(reply.content)
+    claimed = getattr(decoded, "client_id", None)
+    if claimed is not None and node_of.get(claimed) not in (None, node):
+        decoded = Rejected(claimed, RejectReason.MALFORMED, f"reply for {claimed!r:.80} came from node {node}, "
+                                                             f"not its node")
+    size = None
+    if claimed is not None and not isinstance(decoded, Rejected):
+        size = sum(len(a.data) for rec in reply.content.array_records.values() for a in rec.values())
+    return FromNode(decoded, node), size
+
+
 def interpret_replies(pulled: Iterable[Message], node_of: Mapping[str, int]) -> tuple[list[FromNode], dict[str, int]]:
-    """Flower reply messages as the round engine's replies, each with its sending node; and the bytes
-    each client uploaded. A Flower error becomes a ``transport_error`` rejection with its text; a reply
-    for a client from another node than the client's is rejected (a relayed genuine reply)."""
-    client_at = {node: c for c, node in node_of.items()}
+    """:func:`interpret_reply` of every message; and the bytes each client uploaded."""
     replies: list[FromNode] = []
     upload: dict[str, int] = {}
     for reply in pulled:
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            text = f"Flower error {reply.error.code}: {str(reply.error.reason)[:500]}"
-            log.warning("node %s answered with an error: %s", node, text)
-            replies.append(FromNode(Rejected(client_at.get(node), RejectReason.TRANSPORT_ERROR, text), node))
-            continue
-        decoded = decode_reply(reply.content)
-        claimed = getattr(decoded, "client_id", None)
-        if claimed is not None and node_of.get(claimed) not in (None, node):
-            decoded = Rejected(claimed, RejectReason.MALFORMED, f"reply for {claimed!r:.80} came from node {node}, "
-                                                                 f"not its node")
-        if claimed is not None and not isinstance(decoded, Rejected):
-            arrays = reply.content.array_records
-            upload[claimed] = sum(len(a.data) for rec in arrays.values() for a in rec.values())
-        replies.append(FromNode(decoded, node))
+        received, size = interpret_reply(reply, node_of)
+        replies.append(received)
+        if size is not None:
+            upload[received.reply.client_id] = size
     return replies, upload
 
 
@@ -146,7 +157,8 @@ class FlowerTransport:
     """The round engine's transport over a Flower Grid: discovery by a ``query`` hello bound to the
     store's node registrations, train messages to the nodes of the selected clients."""
 
-    def __init__(self, grid: Grid, *, expected_nodes: int = 1, node_wait_s: float = 60.0, poll_s: float = DEFAULT_POLL_S,
+    def __init__(self, grid: Grid, *, expected_nodes: int = 1, node_wait_s: float = 60.0,
+                 poll_s: float = DEFAULT_POLL_S,
                  registered_nodes: Callable[[], Mapping[str, int | None]] = dict) -> None:
         self.grid = grid
         self.expected_nodes = expected_nodes
@@ -206,15 +218,20 @@ class FlowerTransport:
         return set(self.node_of)
 
     def train(self, instruction: TrainInstruction, client_ids: list[str], timeout_s: float, *,
-              quorum: int | None = None, grace_s: float | None = None) -> list[Reply | FromNode]:
+              quorum: int | None = None, grace_s: float | None = None) -> Iterator[Reply | FromNode]:
+        """Send the round's train messages, then yield each reply as it is pulled: the round engine validates
+        and folds it while later ones are still on their way, and nothing holds the whole round."""
         content = instruction_to_record_dict(instruction)
         messages = [Message(content, dst_node_id=self.node_of[c], message_type=MessageType.TRAIN,
                             group_id=str(instruction.round)) for c in client_ids if c in self.node_of]
-        pulled = collect_replies(self.grid, messages, timeout_s=timeout_s, quorum=quorum, grace_s=grace_s,
-                                 poll_s=self.poll_s, counts=_is_update)
-        replies, self.last_upload_bytes = interpret_replies(pulled, self.node_of)
-        self.upload_by_round[instruction.round] = dict(self.last_upload_bytes)
-        return replies
+        upload: dict[str, int] = {}
+        self.last_upload_bytes = self.upload_by_round[instruction.round] = upload
+        for reply in iter_replies(self.grid, messages, timeout_s=timeout_s, quorum=quorum, grace_s=grace_s,
+                                  poll_s=self.poll_s, counts=_is_update):
+            received, size = interpret_reply(reply, self.node_of)
+            if size is not None:
+                upload[received.reply.client_id] = size
+            yield received
 
 
 def registered_nodes(ctx: CoordinatorContext) -> Callable[[], dict[str, int | None]]:
