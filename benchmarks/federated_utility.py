@@ -111,6 +111,7 @@ class Hyper:
     personal_steps: int = 20
     personal_share: float = 0.5
     fedadam_lr: float = 0.01
+    ffa_server_lr: float = 1.0  # server learning rate of fedavg / ffa; 0: sqrt(K)
     heldout: int = 64
     seed: int = 0
 
@@ -226,7 +227,8 @@ def run_federated(lab: Lab, sites: list[SiteData], strategy: str, sigmas: list[f
     ffa = strategy not in PLAIN_LORA
     current = lab.initial(ffa)
     server_state = None
-    config = AggregationConfig(method=strategy, **({"server_lr": hp.fedadam_lr} if strategy == "fedadam" else {}))
+    server_lr = hp.fedadam_lr if strategy == "fedadam" else (hp.ffa_server_lr or len(sites) ** 0.5)
+    config = AggregationConfig(method=strategy, server_lr=server_lr)
     for r in range(hp.rounds):
         updates = [ClientUpdate(s.site.client_id,
                                 lab.train(current, s.train, steps=hp.steps, batch_size=hp.batch_size, sigma=sigma,
@@ -365,6 +367,8 @@ def main() -> None:
     parser.add_argument("--personal-share", type=float, default=Hyper.personal_share,
                         help="a site personalises when its majority label has at least this share of its records")
     parser.add_argument("--fedadam-lr", type=float, default=Hyper.fedadam_lr, help="fedadam's server learning rate")
+    parser.add_argument("--server-lr", type=float, default=Hyper.ffa_server_lr,
+                        help="fedavg's and ffa's server learning rate (0: sqrt of the number of sites)")
     parser.add_argument("--heldout", type=int, default=Hyper.heldout, help="held-out records per site")
     parser.add_argument("--seed", type=int, default=0, help="draw of data and DP noise")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 4 steps, 24 held-out records")
@@ -374,6 +378,7 @@ def main() -> None:
     args = parser.parse_args()
     hp = Hyper(rounds=args.rounds, steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank,
                personal_steps=args.personal_steps, personal_share=args.personal_share, fedadam_lr=args.fedadam_lr,
+               ffa_server_lr=args.server_lr,
                heldout=args.heldout, seed=args.seed)
     if args.quick:
         hp = dataclasses.replace(hp, rounds=2, steps=4, personal_steps=4, heldout=24)
@@ -399,8 +404,8 @@ def main() -> None:
     wall = time.perf_counter() - started
     order = {s: i for i, s in enumerate(sorted(settings, key=lambda s: (s.sites, s.records, s.alpha, s.epsilon)))}
     results.sort(key=lambda r: order[Setting(**r["setting"])])
-    print(f"\nheld-out accuracy, mean over sites / worst site ({wall:.0f} s wall, {hp.rounds} rounds x {hp.steps} steps, "
-          f"batch {hp.batch_size}, lr {hp.lr}, rank {hp.rank}):\n")
+    print(f"\nheld-out accuracy, mean over sites / worst site ({wall:.0f} s wall, {hp.rounds} rounds x "
+          f"{hp.steps} steps, batch {hp.batch_size}, lr {hp.lr}, rank {hp.rank}):\n")
     print(markdown_table(results, args.strategies))
     if args.json:
         args.json.write_text(json.dumps({"hyperparameters": dataclasses.asdict(hp), "wall_seconds": round(wall, 1),

@@ -83,7 +83,7 @@ class WarmExecutor(threading.Thread):
         while True:
             try:
                 res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
-            except Exception as e:  # noqa: BLE001 - the SuperNode's API starting or restarting: ask again
+            except Exception as e:  # the SuperNode's API starting or restarting: ask again
                 log.debug("acquire task: %s", e)
                 time.sleep(1.0)
                 continue
@@ -121,7 +121,7 @@ class WarmExecutor(threading.Thread):
             status, details = SubStatus.COMPLETED, ""
             log.info("task %s: %s message pulled in %.3f s, ClientApp %.3f s", message.metadata.group_id or "-",
                      message.metadata.message_type, pulled - started, time.monotonic() - pulled)
-        except Exception as e:  # noqa: BLE001 - the error goes back to the SuperLink, as flwr-clientapp does
+        except Exception as e:  # the error goes back to the SuperLink, as flwr-clientapp does
             log.exception("ClientApp task failed")
             details = f"{type(e)}:<'{e}'>"
             if message is not None:
@@ -130,7 +130,7 @@ class WarmExecutor(threading.Thread):
             try:
                 if reply is not None and context is not None:
                     push_message(client, reply, context)
-            except Exception:  # noqa: BLE001
+            except Exception:  # logged; the task's output still goes back
                 log.exception("pushing the ClientApp's reply failed")
             push_task_output(client, context, status, details)
             if heartbeat.is_running:

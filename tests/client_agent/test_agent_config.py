@@ -325,7 +325,7 @@ def test_agent_run_connects_and_stops_cleanly_on_sigint(tmp_path, superlink):
     children = _wait_for("connected to", proc, out)
     commands = [_cmdline(pid) for pid in children]
     assert any("fedtune.client_agent.daemon" in c for c in commands), commands
-    assert any("fedtune.client_agent.flower_node" in c for c in commands), commands  # Flower's SuperNode, warm ClientApp
+    assert any("fedtune.client_agent.flower_node" in c for c in commands), commands  # SuperNode, warm ClientApp
     daemon = next(pid for pid, c in zip(children, commands, strict=True) if "fedtune.client_agent.daemon" in c)
     environ = Path(f"/proc/{daemon}/environ").read_bytes().split(b"\0")
     expected = os.environ.get("FEDTUNE_AGENT_THREADS") or str(os.cpu_count())  # no `threads` key: every core

@@ -237,7 +237,8 @@ def test_ten_supernodes_one_killed_mid_round_one_joining_late(tmp_path, int4_bas
             assert s.get(Job, "job-10").status == "completed"
             rounds = s.execute(select(Round).order_by(Round.number)).scalars().all()
             versions = s.execute(select(AdapterVersion).order_by(AdapterVersion.version)).scalars().all()
-            ledger = s.execute(select(PrivacyLedgerEntry).where(PrivacyLedgerEntry.status == "committed")).scalars().all()
+            committed = PrivacyLedgerEntry.status == "committed"
+            ledger = s.execute(select(PrivacyLedgerEntry).where(committed)).scalars().all()
             events = s.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars().all()
         assert [(r.number, r.status) for r in rounds] == [(1, "completed"), (2, "completed"), (3, "completed")]
         assert [v.version for v in versions] == [0, 1, 2, 3]
