@@ -1,7 +1,8 @@
 """`fedtune demo`: the whole system on one machine, what the README's first command runs.
 
 Builds a small base once, generates private data for hospitals that share a task (triage notes ->
-triage level, each hospital with its own case mix and few records) and a bank with a task of its own,
+triage level, each hospital with its own case mix and few records), with ``--own-task-site`` also a
+bank with a task of its own,
 starts the coordinator and one agent per site as real processes on 127.0.0.1 (TLS, Flower node
 authentication, SQLite), registers the sites and runs a federated DP job through the admin API,
 then compares, at the same epsilon, each site alone (local-only DP) and the centralized DP reference
@@ -22,7 +23,9 @@ def demo(
     clients: Annotated[int, typer.Option(help="Hospitals that share the triage task (2-8): hospital-a, hospital-b, "
                                               "... each with its own case mix.")] = 3,
     own_task_site: Annotated[bool, typer.Option(help="Also a bank whose task (memo -> spending category) no other "
-                                                     "site shares, to show what federation does for it.")] = True,
+                                                     "site shares, in the same job, to show what federation does for "
+                                                     "it and to the others (it pulls the shared adapter its own way).")
+                             ] = False,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 4,
     base: Annotated[Path | None, typer.Option(help="A base checkpoint to use instead of building the demo base "
                                                    "(its own tokenizer is used).")] = None,

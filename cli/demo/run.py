@@ -53,7 +53,7 @@ class DemoOptions:
 
     out: Path
     clients: int = 3  # hospitals sharing the triage task
-    own_task_site: bool = True  # and a bank whose task no other site has
+    own_task_site: bool = False  # also a bank whose task no other site has
     rounds: int = 4
     base: Path | None = None
     records: int = 256  # training records per site

@@ -24,7 +24,8 @@ from fedtune.coordinator.superlink import venv_bin
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SITES = ("hospital-a", "hospital-b", "bank-c")
-SHORT = ["--clients", "2", "--rounds", "1", "--records", "64", "--heldout", "32", "--steps", "4", "--epsilon", "4"]
+SHORT = ["--clients", "2", "--own-task-site", "--rounds", "1", "--records", "64", "--heldout", "32", "--steps", "4",
+         "--epsilon", "4"]
 
 
 def _rdp_epsilon(mechanisms: list[tuple[float, float, int]], delta: float) -> float:
