@@ -46,3 +46,18 @@ def test_the_runtime_api_address_follows_the_supernode_arguments():
     assert flower_node._runtime_address(["--superlink", "x:1", "--port", "9101"]) == "127.0.0.1:9101"
     assert flower_node._runtime_address(["--host", "::1", "--port", "9101"]) == "[::1]:9101"
     assert flower_node._runtime_address([]) == "127.0.0.1:9094"  # Flower's default port
+
+
+def test_object_pulls_of_the_warm_executor_retry_after_20_ms_not_1_s(monkeypatch):
+    import inspect
+
+    from flwr.supernode.runtime import run_clientapp
+
+    monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree",
+                        run_clientapp.pull_and_inflate_object_from_tree)  # restored after the test
+    assert "pull_and_inflate_object_from_tree(" in inspect.getsource(run_clientapp.pull_task_input)
+    flower_node._short_object_backoff()
+    flower_node._short_object_backoff()  # idempotent
+    patched = run_clientapp.pull_and_inflate_object_from_tree
+    assert patched.keywords == {"initial_backoff": 0.02, "backoff_cap": 1.0}
+    assert not hasattr(patched.func, "keywords")
