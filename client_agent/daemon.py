@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # force: an imported library may have set up the root logger already (the log then stayed empty)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     torch.set_num_threads(max(1, int(os.environ.get("FEDTUNE_AGENT_THREADS", "1"))))
     agent = Agent(AgentSettings(client_id=args.client_id, base_path=args.base, key_path=args.key,
                                 data_path=args.data, state_dir=args.state_dir, dataset_id=args.dataset_id,
