@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 import time
@@ -71,6 +72,17 @@ class WarmExecutor(threading.Thread):
         self.tasks_run = 0
 
     def run(self) -> None:
+        """Serve tasks until the process ends. If this thread fails, the whole SuperNode exits (code 70): a
+        SuperNode that stays connected but never answers would hold every round to its timeout; an agent
+        that exits is seen by its supervisor (``fedtune agent run`` stops and says so)."""
+        try:
+            self._serve()
+        except BaseException:
+            log.exception("the warm ClientApp executor failed: stopping this SuperNode")
+            logging.shutdown()
+            os._exit(70)
+
+    def _serve(self) -> None:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor

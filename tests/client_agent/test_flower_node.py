@@ -61,3 +61,17 @@ def test_object_pulls_of_the_warm_executor_retry_after_20_ms_not_1_s(monkeypatch
     patched = run_clientapp.pull_and_inflate_object_from_tree
     assert patched.keywords == {"initial_backoff": 0.02, "backoff_cap": 1.0}
     assert not hasattr(patched.func, "keywords")
+
+
+def test_a_failing_executor_stops_the_whole_process_with_code_70():
+    """A SuperNode whose executor died would stay connected and never answer: the process must exit instead."""
+    import subprocess
+    import sys
+
+    script = ("from fedtune.client_agent.flower_node import WarmExecutor\n"
+              "w = WarmExecutor('127.0.0.1:9')\n"
+              "w._serve = lambda: 1 / 0\n"
+              "w.start(); w.join(); import time; time.sleep(30)\n")
+    done = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 70, done.stderr
+    assert "the warm ClientApp executor failed" in done.stderr and "ZeroDivisionError" in done.stderr
