@@ -15,9 +15,9 @@ Config comes from the SuperLink's environment (inherited by ``flwr-serverapp``) 
 
 Identity at discovery is bound to what the coordinator registered (:func:`bind_hellos`): with node
 authentication the Flower node id in the store is the truth, and a hello claiming a client from
-another node is refused (the round engine audits it). Replies are collected by :func:`collect_replies`:
-once the quorum's replies are in, stragglers get the job's grace period; Flower error replies come
-back as ``transport_error`` rejections with their text, from their node.
+another node is refused (the round engine audits it). Replies stream to the round engine as each pull
+brings them (:func:`iter_replies`): once the quorum's replies are in, stragglers get the job's grace
+period; Flower error replies come back as ``transport_error`` rejections with their text, from their node.
 """
 
 from __future__ import annotations
@@ -167,7 +167,6 @@ class FlowerTransport:
         self.registered_nodes = registered_nodes
         self.node_of: dict[str, int] = {}
         self.discovery_refusals: list[tuple[int, str, str]] = []
-        self.last_upload_bytes: dict[str, int] = {}
         self.upload_by_round: dict[int, dict[str, int]] = {}
         self._known: tuple | None = None  # (connected nodes, registrations) the last full discovery saw
         self._waited = False
@@ -225,7 +224,7 @@ class FlowerTransport:
         messages = [Message(content, dst_node_id=self.node_of[c], message_type=MessageType.TRAIN,
                             group_id=str(instruction.round)) for c in client_ids if c in self.node_of]
         upload: dict[str, int] = {}
-        self.last_upload_bytes = self.upload_by_round[instruction.round] = upload
+        self.upload_by_round[instruction.round] = upload
         for reply in iter_replies(self.grid, messages, timeout_s=timeout_s, quorum=quorum, grace_s=grace_s,
                                   poll_s=self.poll_s, counts=_is_update):
             received, size = interpret_reply(reply, self.node_of)
