@@ -18,13 +18,17 @@ both for round latency (issue 16, measured in ``benchmarks/round.py``):
 * **Object pulls retried quickly.** The warm executor takes a task as soon as the SuperNode has it,
   sometimes before the SuperNode stored every object of its message; Flower's pull then waits 1 s
   before asking again. :func:`_short_object_backoff` starts those retries at 20 ms.
-* **The SuperNode's idle pull interval.** Flower's SuperNode that pulled no message sleeps a fixed
-  3 s before it asks the SuperLink again (``start_client_internal``), so a round's message waits up
-  to 3 s at every site; Flower 1.41 and 1.42 expose no setting for it. This module replaces that
-  module's ``time`` with :class:`_ShortSleeps`, whose ``sleep`` never sleeps longer than the
-  interval: an idle site then asks the SuperLink ``1 / interval`` times a second (the load to plan
-  for at the SuperLink: sites / interval requests a second). The same bound shortens the
-  SuperNode's 0.5 s wait for a reply.
+* **The SuperNode's waits.** Flower's SuperNode that pulled no message sleeps a fixed 3 s before it asks
+  the SuperLink again (``start_client_internal``), so a round's message waits up to 3 s at every site, and
+  once a task runs it looks for the reply every 0.5 s; Flower 1.41 and 1.42 expose no setting for either.
+  This module replaces that module's ``time`` with :class:`_SuperNodeSleeps`: a wait on this process's own
+  state (the reply, an object not stored yet) lasts at most ``LOCAL_WAIT_S``; an idle wait between pulls
+  starts at ``FAST_PULL_S`` after a message and doubles up to the site's ``pull_interval_s`` (the next
+  round's message usually follows a reply within a second: a few more requests per round, not a faster
+  steady rate). An idle site asks the SuperLink ``1 / interval`` times a second: the load to plan for at
+  the SuperLink is sites / interval requests a second.
+* **The executor woken by the message.** The SuperNode wakes :class:`WarmExecutor` as soon as it has
+  stored a message with all its objects; the executor's own poll (``TASK_POLL_S``) is only a fallback.
 
 Both touch Flower's internals by name (the module's ``time``, the Runtime API calls of
 ``run_clientapp``); flwr is pinned, and the e2e tests run every round through this module, so an
@@ -44,23 +48,35 @@ import types
 log = logging.getLogger("fedtune.flower_node")
 
 DEFAULT_PULL_INTERVAL_S = 0.5
-TASK_POLL_S = 0.2  # how often the idle warm executor asks the SuperNode for a task (in-process loopback; each ask costs
-# a request on both sides, so 0.05 s cost a few % of a core per idle site; Flower's own SuperExec asks every 1 s)
+FAST_PULL_S = 0.05  # the first idle wait after a message; it doubles up to the pull interval
+LOCAL_WAIT_S = 0.02  # the longest wait on this process's own state (Flower: 0.5 s)
+IDLE_SLEEP_S = 1.0  # Flower's loop sleeps 3 s when idle and 0.5 s on its own state: what tells them apart
+TASK_POLL_S = 1.0  # the idle warm executor's fallback poll (it is woken by each message; Flower's SuperExec: 1 s)
 
 
-class _ShortSleeps(types.ModuleType):
-    """``time`` for Flower's SuperNode loop: every attribute is the real module's, except that ``sleep``
-    never sleeps longer than ``longest`` seconds."""
+class _SuperNodeSleeps(types.ModuleType):
+    """``time`` for Flower's SuperNode loop: every attribute is the real module's except ``sleep``. A sleep of
+    ``IDLE_SLEEP_S`` or more is the idle wait between pulls at the SuperLink: ``FAST_PULL_S`` after
+    :meth:`message_arrived`, then doubling up to ``pull_interval_s``. A shorter one is a wait on the process's
+    own state and lasts at most ``LOCAL_WAIT_S``. Only the SuperNode's main loop calls both."""
 
-    def __init__(self, longest: float) -> None:
+    def __init__(self, pull_interval_s: float) -> None:
         super().__init__("time")
-        self.longest = longest
+        self.pull_interval_s = pull_interval_s
+        self.next_idle_s = pull_interval_s
 
     def __getattr__(self, name: str):
         return getattr(time, name)
 
+    def message_arrived(self) -> None:
+        self.next_idle_s = min(FAST_PULL_S, self.pull_interval_s)
+
+    def idle_wait_s(self) -> float:
+        wait, self.next_idle_s = self.next_idle_s, min(2 * self.next_idle_s, self.pull_interval_s)
+        return wait
+
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.longest))
+        time.sleep(self.idle_wait_s() if seconds >= IDLE_SLEEP_S else min(seconds, LOCAL_WAIT_S))
 
 
 class WarmExecutor(threading.Thread):
@@ -71,6 +87,7 @@ class WarmExecutor(threading.Thread):
         self.address = runtime_api_address
         self.poll_s = poll_s
         self.tasks_run = 0
+        self.wake = threading.Event()  # set by the SuperNode when it has stored a message
 
     def run(self) -> None:
         """Serve tasks until the process ends. If this thread fails, the whole SuperNode exits (code 70): a
@@ -107,7 +124,8 @@ class WarmExecutor(threading.Thread):
                 self._run_task(app, res.token)
                 self.tasks_run += 1
                 continue  # another message may be waiting
-            time.sleep(self.poll_s)
+            self.wake.wait(self.poll_s)
+            self.wake.clear()
 
     def _run_task(self, app, token: str) -> None:
         """What ``flwr-clientapp --token`` does for one task, minus the process, the FAB and the exit."""
@@ -159,14 +177,32 @@ def _short_object_backoff() -> None:
     """``flwr-clientapp`` pulls a task's message objects with a first retry after 1 s (``PULL_INITIAL_BACKOFF``)
     when the SuperNode has not stored an object yet. A process that takes 2 s to start never sees that; a warm
     executor that takes the task at once often does (measured: 1.05 s of every round). Here the retries start
-    at 20 ms and double up to 1 s, for the Runtime API calls of this process only."""
+    at 20 ms and double up to 0.1 s (requests on this host's loopback), for the Runtime API calls of this process
+    only, for as long as Flower's time limit allows (500 tries at 0.1 s would end a large message's wait within
+    a minute)."""
     import functools
 
     from flwr.supernode.runtime import run_clientapp
 
     if not isinstance(run_clientapp.pull_and_inflate_object_from_tree, functools.partial):
         run_clientapp.pull_and_inflate_object_from_tree = functools.partial(
-            run_clientapp.pull_and_inflate_object_from_tree, initial_backoff=0.02, backoff_cap=1.0)
+            run_clientapp.pull_and_inflate_object_from_tree, initial_backoff=0.02, backoff_cap=0.1,
+            max_tries_per_object=None)
+
+
+def _on_each_message(internal, sleeps: _SuperNodeSleeps, executor: WarmExecutor) -> None:
+    """Wrap the SuperNode's ``_pull_and_store_message`` (it returns a run id once a message and all its objects
+    are stored): then the idle pulls speed up and the executor wakes."""
+    pull = internal._pull_and_store_message
+
+    def pull_and_wake(*args, **kwargs):
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            sleeps.message_arrived()
+            executor.wake.set()
+        return run_id
+
+    internal._pull_and_store_message = pull_and_wake
 
 
 def _heartbeat_fn(client):
@@ -217,10 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     import flwr.supernode.start_client_internal as internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    internal.time = _ShortSleeps(ours.pull_interval_s)
+    sleeps = _SuperNodeSleeps(ours.pull_interval_s)
+    internal.time = sleeps
     _short_object_backoff()
     rest = [*rest, "--isolation", "process"]
-    WarmExecutor(_runtime_address(rest)).start()
+    executor = WarmExecutor(_runtime_address(rest))
+    _on_each_message(internal, sleeps, executor)
+    executor.start()
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()
 

@@ -10,8 +10,15 @@ Config comes from the SuperLink's environment (inherited by ``flwr-serverapp``) 
 * run config ``job-id`` (``flwr run ... --run-config "job-id='job-1'"``), or ``FEDTUNE_JOB_ID``;
 * run config ``node-wait-s`` (default 60): how long the first round waits for SuperNodes to connect;
 * run config ``expected-nodes`` (default 0: as many as the job lists clients, else 1): how many it waits for;
-* run config ``poll-s`` (default 0.2): how often replies are pulled (Flower's own ``send_and_receive``
+* run config ``poll-s`` (default 0.1): how often replies are pulled (Flower's own ``send_and_receive``
   sleeps 3 s between pulls).
+
+A reply is visible to the ServerApp's pull as soon as its SuperNode announced it, often before the
+SuperNode pushed all its objects; Flower's Grid then waits 1 s before it asks for a missing object again
+(``PULL_INITIAL_BACKOFF``), measured as most of a second on every round. :func:`short_object_backoff`
+starts those retries at 20 ms, doubling up to 0.1 s, in the ``flwr-serverapp`` process only; the number of
+tries is then unbounded (Flower's 500 at 0.1 s would give a slow uploader under a minute) and Flower's time
+limit (``PULL_MAX_TIME``, 2 hours) still ends the wait.
 
 Identity at discovery is bound to what the coordinator registered (:func:`bind_hellos`): with node
 authentication the Flower node id in the store is the truth, and a hello claiming a client from
@@ -44,7 +51,7 @@ log = logging.getLogger(__name__)
 HELLO_KEY = "fedtune.hello"  # the ClientApp's discovery record (client_agent/flower_app.py)
 DISCOVERY_TIMEOUT_S = 60.0
 DISCOVERY_GRACE_S = 10.0
-DEFAULT_POLL_S = 0.2  # replies pulled from the SuperLink every 0.2 s (a cheap loopback call)
+DEFAULT_POLL_S = 0.1  # replies pulled from the SuperLink every 0.1 s while a round waits (a cheap loopback call)
 
 app = ServerApp()
 
@@ -257,10 +264,24 @@ def context_from_env() -> CoordinatorContext:
                               blob_key=load_blob_key(), signing_key=configured_coordinator_key())
 
 
+def short_object_backoff() -> None:
+    """Make the Grid's object pulls retry after 20 ms (doubling up to 0.1 s) instead of 1 s (doubling up to 10 s),
+    for as long as Flower's time limit allows. Idempotent; touches Flower's ``http_grid`` module by name (flwr
+    is pinned; the e2e tests pull every reply through it)."""
+    import functools
+
+    from flwr.superlink.grid import http_grid
+
+    if not isinstance(http_grid.pull_objects, functools.partial):
+        http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=0.02, backoff_cap=0.1,
+                                                   max_tries_per_object=None)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the job named by the run config until it has all its versions or fails."""
     logging.basicConfig(level=logging.INFO)
+    short_object_backoff()
     job_id = str(context.run_config.get("job-id") or os.environ.get("FEDTUNE_JOB_ID") or "")
     if not job_id:
         raise ValueError("no job id: pass --run-config \"job-id='...'\" to flwr run, or set FEDTUNE_JOB_ID")

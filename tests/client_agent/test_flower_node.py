@@ -10,15 +10,52 @@ import pytest
 from fedtune.client_agent import flower_node
 
 
-def test_short_sleeps_cap_every_sleep_and_pass_everything_else_through(monkeypatch):
+def test_idle_waits_speed_up_after_a_message_and_back_off_to_the_interval(monkeypatch):
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
-    clock = flower_node._ShortSleeps(0.25)
-    clock.sleep(3)  # Flower's idle wait between pulls
-    clock.sleep(0.5)  # its wait for a reply
-    clock.sleep(0.1)
-    assert slept == [0.25, 0.25, 0.1]
+    clock = flower_node._SuperNodeSleeps(0.5)
+    clock.sleep(3)  # Flower's idle wait between pulls: the site's interval
+    clock.message_arrived()
+    for _ in range(6):
+        clock.sleep(3)
+    assert slept == [0.5, 0.05, 0.1, 0.2, 0.4, 0.5, 0.5]
     assert clock.monotonic is time.monotonic and clock.time is time.time
+
+
+def test_waits_on_the_supernodes_own_state_are_short_and_leave_the_idle_backoff_alone(monkeypatch):
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    clock = flower_node._SuperNodeSleeps(0.5)
+    clock.message_arrived()
+    clock.sleep(0.5)  # its wait for the ClientApp's reply
+    clock.sleep(0.5)
+    clock.sleep(0.01)
+    clock.sleep(3)  # the first idle wait after the reply went out
+    assert slept == [0.02, 0.02, 0.01, 0.05]
+
+
+def test_an_interval_below_the_fast_pull_is_never_exceeded(monkeypatch):
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    clock = flower_node._SuperNodeSleeps(0.05)
+    clock.message_arrived()
+    clock.sleep(3)
+    clock.sleep(3)
+    assert slept == [0.05, 0.05]
+
+
+def test_a_stored_message_wakes_the_executor_and_speeds_up_the_pulls():
+    import types
+
+    results = iter([None, 7])
+    internal = types.SimpleNamespace(_pull_and_store_message=lambda **kw: next(results))
+    clock = flower_node._SuperNodeSleeps(0.5)
+    executor = flower_node.WarmExecutor("127.0.0.1:9")
+    flower_node._on_each_message(internal, clock, executor)
+    assert internal._pull_and_store_message(state=None) is None  # nothing pulled: nothing wakes
+    assert not executor.wake.is_set() and clock.next_idle_s == 0.5
+    assert internal._pull_and_store_message(state=None) == 7
+    assert executor.wake.is_set() and clock.next_idle_s == 0.05
 
 
 def test_the_wrapper_patches_the_module_flower_sleeps_in():
@@ -28,6 +65,8 @@ def test_the_wrapper_patches_the_module_flower_sleeps_in():
     import flwr.supernode.start_client_internal as internal
 
     assert "time.sleep(3)" in inspect.getsource(internal.start_client_internal)
+    assert "time.sleep(0.5)" in inspect.getsource(internal._push_messages)  # its wait for the reply
+    assert "run_id = _pull_and_store_message(" in inspect.getsource(internal.start_client_internal)
     assert internal.time is time  # not patched in this process: only `python -m ...flower_node` does
 
 
@@ -59,7 +98,7 @@ def test_object_pulls_of_the_warm_executor_retry_after_20_ms_not_1_s(monkeypatch
     flower_node._short_object_backoff()
     flower_node._short_object_backoff()  # idempotent
     patched = run_clientapp.pull_and_inflate_object_from_tree
-    assert patched.keywords == {"initial_backoff": 0.02, "backoff_cap": 1.0}
+    assert patched.keywords == {"initial_backoff": 0.02, "backoff_cap": 0.1, "max_tries_per_object": None}
     assert not hasattr(patched.func, "keywords")
 
 

@@ -88,3 +88,21 @@ def test_a_node_that_did_not_answer_is_asked_again_next_round(monkeypatch):
     grid.clients[12] = silent
     assert transport.connected_clients() == {"bank-a", "bank-b"}
     assert transport.discoveries == 2
+
+
+def test_reply_object_pulls_retry_after_20_ms_for_as_long_as_flowers_time_limit(monkeypatch):
+    """A reply is pulled while its SuperNode may still push its objects: Flower's first retry after 1 s cost most
+    of a second per round (benchmarks/round.py)."""
+    import inspect
+
+    from flwr.superlink.grid import http_grid
+
+    from fedtune.coordinator.server_app import short_object_backoff
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # restored after the test
+    assert "pull_objects(" in inspect.getsource(http_grid.HttpGrid.pull_messages)  # flwr pinned: fails if it moves
+    short_object_backoff()
+    short_object_backoff()  # idempotent
+    patched = http_grid.pull_objects
+    assert patched.keywords == {"initial_backoff": 0.02, "backoff_cap": 0.1, "max_tries_per_object": None}
+    assert not hasattr(patched.func, "keywords")
