@@ -260,6 +260,9 @@ def train_local(
     batch_size: Annotated[int, typer.Option(help="Expected (Poisson) batch size.")] = 16,
     physical_batch_size: Annotated[int, typer.Option(help="Records per forward/backward (memory).")] = 16,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd (a federated job's sites use what the job names).")
+                         ] = "adamw",
+    momentum: Annotated[float, typer.Option(help="SGD momentum in [0, 1) (--optimizer sgd only).")] = 0.0,
     max_len: Annotated[int, typer.Option(help="Tokens per record.")] = 256,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     target_modules: Annotated[str | None, typer.Option(help="Comma-separated projections to adapt (default: all "
@@ -291,7 +294,8 @@ def train_local(
     try:
         num_records = count_records(data)  # the budget is checked before any record is read
         train_cfg = TrainConfig(batch_size=batch_size, physical_batch_size=physical_batch_size, steps=steps,
-                                epochs=epochs, lr=lr, max_len=max_len, seed=seed, device=device)
+                                epochs=epochs, lr=lr, max_len=max_len, seed=seed, device=device,
+                                optimizer=optimizer, momentum=momentum)
         privacy_cfg = PrivacyConfig(target_epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm,
                                     accountant=accountant, secure_mode=secure_mode, enabled=dp)
         targets = {"target_modules": tuple(t.strip() for t in target_modules.split(",") if t.strip())} \

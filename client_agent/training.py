@@ -43,6 +43,9 @@ from fedtune.model.tokenizer import ByteTokenizer, TextTokenizer
 __all__ = ["DP_KERNELS", "PrivacyPlan", "ProgressFn", "TrainConfig", "TrainReport", "mean_record_loss",
            "per_record_loss", "plan_training", "train_dp_lora"]
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How long and how to train. Give `steps` or `epochs` (default: 1 epoch = ceil(1 / sample_rate) steps).
@@ -51,7 +54,14 @@ class TrainConfig:
         batch_size: expected (logical) batch size; Poisson sampling rate = batch_size / len(records).
         physical_batch_size: most records in one forward/backward (memory); a logical batch is
             split into micro-batches and makes one optimizer step.
-        lr: AdamW learning rate. max_len: tokens per record (longer records are cut, data.py).
+        lr: the optimizer's learning rate. max_len: tokens per record (longer records are cut, data.py).
+        optimizer: ``adamw`` (the default) or ``sgd``. AdamW scales every coordinate by its own running
+            size, which under DP noise turns each site's update into mostly normalised noise; plain SGD
+            (with ``momentum``) keeps the update linear in the noisy gradients, so the coordinator's average
+            cancels the sites' noise the way one pooled batch would. Federated jobs with a server optimizer
+            (``fedadam``, ``fedavgm``: Reddi et al., ICLR 2021) are built for SGD at the clients. Either one
+            only post-processes the DP-noised gradients: privacy is the same.
+        momentum: SGD momentum in [0, 1) (``sgd`` only), restarted with every run.
         seed: model-side randomness (LoRA dropout); DP sampling and noise never derive from it.
         device: where the base and the adapters train.
     """
@@ -64,6 +74,8 @@ class TrainConfig:
     max_len: int = 256
     seed: int = 0
     device: str = "cpu"
+    optimizer: str = "adamw"
+    momentum: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -79,6 +91,18 @@ class TrainConfig:
                              f"physical_batch_size={self.physical_batch_size}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"momentum {self.momentum} is for optimizer 'sgd'; {self.optimizer!r} keeps its own")
+
+    def make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """This run's optimizer over ``params`` (DP training wraps it in Opacus' DPOptimizer)."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
 
     def sample_rate(self, num_records: int) -> float:
         """Poisson sampling rate q = batch_size / num_records.

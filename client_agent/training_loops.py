@@ -101,7 +101,7 @@ def train_private(model: nn.Module, encoded: list[EncodedRecord], plan: PrivacyP
     params = [p for p in model.parameters() if p.requires_grad]
     module = wrap_for_dp(model, mode, plan.max_grad_norm)
     optimizer_cls = SourcedGhostDPOptimizer if mode == "ghost" else SourcedDPOptimizer
-    optimizer = optimizer_cls(torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=0.0), noise_source=source,
+    optimizer = optimizer_cls(train_cfg.make_optimizer(params), noise_source=source,
                               noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
                               expected_batch_size=train_cfg.batch_size, loss_reduction="mean")
     accountant = create_accountant(mechanism=plan.accountant)
@@ -149,7 +149,7 @@ def train_plain(model: nn.Module, encoded: list[EncodedRecord], train_cfg: Train
     """The non-private baseline: the same sampling, loss and scaling, without clipping or noise."""
     device = torch.device(train_cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=0.0)
+    optimizer = train_cfg.make_optimizer(params)
     collate = padding_collate(pad_token_id)
     # No privacy to protect here: the sampling follows the run's seed, for reproducible baselines.
     rate = train_cfg.sample_rate(len(encoded))

@@ -26,7 +26,7 @@ def demo(
                                                      "site shares, in the same job, to show what federation does for "
                                                      "it and to the others (it pulls the shared adapter its own way).")
                              ] = False,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 4,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 8,
     base: Annotated[Path | None, typer.Option(help="A base checkpoint to use instead of building the demo base "
                                                    "(its own tokenizer is used).")] = None,
     out: Annotated[Path, typer.Option(help="Directory for the base (built once) and each run's files and report.")]
@@ -36,7 +36,7 @@ def demo(
     epsilon: Annotated[float, typer.Option(help="Epsilon each site spends on the whole federated job (all rounds "
                                                 "together); local-only and the reference spend the same.")] = 8.0,
     steps: Annotated[int, typer.Option(help="DP-SGD steps per round at each site (local-only and the reference "
-                                            "take rounds x steps).")] = 10,
+                                            "take rounds x steps).")] = 5,
 ) -> None:
     """Run a federated, differentially private fine-tuning job on one machine and write a report."""
     from fedtune.cli.demo.run import DemoOptions, console

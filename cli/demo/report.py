@@ -7,7 +7,15 @@ import json
 from pathlib import Path
 
 from fedtune.cli.demo.evaluate import Metrics
-from fedtune.cli.demo.run import BASE_INIT_STD, JOB_DELTA, TARGET_MODULES, Results
+from fedtune.cli.demo.run import (
+    ALONE_RECIPE,
+    BASE_INIT_STD,
+    JOB_DELTA,
+    JOB_RECIPE,
+    REFERENCE_RECIPE,
+    TARGET_MODULES,
+    Results,
+)
 
 CENTRAL_MARGIN = 0.05  # "close to the centralized reference": within 5 accuracy points
 
@@ -126,11 +134,18 @@ def report_data(res: Results) -> dict:
                         "delta": JOB_DELTA},
             "checks": checks[cid]})
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()}
+    settings["recipes"] = {"job": JOB_RECIPE, "local_only": ALONE_RECIPE, "centralized_reference": REFERENCE_RECIPE}
     return {"settings": {**settings, "delta": JOB_DELTA, "aggregation": "ffa", "lora_targets": TARGET_MODULES,
                          "base": str(res.base), "base_digest": res.base_digest, "base_built": res.base_built},
             "sites": sites, "centralized_reference": res.reference,
             "audit": {"ok": bool(res.audit.get("ok")), "records": res.audit.get("records")},
             "seconds": {k: round(v, 1) for k, v in res.seconds.items()}, "passed": demo_passed(res)}
+
+
+def _recipe(recipe: dict) -> str:
+    """How a party's optimizer reads in the report: "SGD, lr 0.45, momentum 0.9"."""
+    text = f"{'SGD' if recipe['optimizer'] == 'sgd' else 'AdamW'}, lr {recipe['lr']:g}"
+    return text + (f", momentum {recipe['momentum']:g}" if recipe["momentum"] else "")
 
 
 def _points(a: float, b: float) -> str:
@@ -198,15 +213,19 @@ def write_report(res: Results) -> Path:
         "agent.toml` per site (agent daemon + Flower SuperNode); TLS from a private CA, Flower node "
         "authentication, each site with its own Ed25519 receipt key and node key, registered through the admin API.",
         f"- **Federated DP job**: {opts.rounds} rounds of FFA-LoRA (rank {opts.rank}, {', '.join(TARGET_MODULES)}), "
-        f"{opts.steps} DP-SGD steps per round at each site (Poisson batches of {opts.batch_size}, clip 1.0, lr "
-        f"{opts.lr:g}, secure mode). The job's epsilon, {opts.epsilon:g} per site at delta {JOB_DELTA:g}, is for all "
-        "its rounds: each agent calibrates every round's noise so that the rounds compose to it (RDP accountant).",
+        f"{opts.steps} DP-SGD steps per round at each site (Poisson batches of {opts.batch_size}, clip 1.0, "
+        f"{_recipe(JOB_RECIPE)}, secure mode), the coordinator averaging the sites' updates (FFA: B only). The job's "
+        f"epsilon, {opts.epsilon:g} per site at delta {JOB_DELTA:g}, is for all its rounds: each agent calibrates "
+        "every round's noise so that the rounds compose to it (RDP accountant).",
         f"- **Local-only DP**: `fedtune agent train-local` at each site on its own records alone, "
-        f"{opts.rounds * opts.steps} steps, the same LoRA, batch and learning rate, at the epsilon that site spent on "
-        "the job: the same sample rate, steps and epsilon, so the same noise per step.",
+        f"{opts.rounds * opts.steps} steps, the same LoRA and batch, {_recipe(ALONE_RECIPE)}, at the epsilon that "
+        "site spent on the job: the same sample rate, steps and epsilon, so the same noise per step. Each party "
+        "trains with the optimizer measured best for it (`JOB_RECIPE`, `ALONE_RECIPE` and `REFERENCE_RECIPE` in "
+        "`fedtune/cli/demo/run.py` say what was measured).",
         f"- **Centralized DP (reference)**: `train-local` on every site's training records pooled "
         f"({res.reference.get('records')} records, in `reference/`, with a state directory of its own) at the job's "
-        f"epsilon per record, the same steps and a batch of {res.reference.get('batch_size')} (the same sample rate). "
+        f"epsilon per record, the same steps and a batch of {res.reference.get('batch_size')} (the same sample rate), "
+        f"{_recipe(REFERENCE_RECIPE)}. "
         "Only this demo, which plays every site on one machine, can pool the records: it is the upper reference for "
         "what DP can learn from everyone's records, not something a consortium can run.", "",
         "## Held-out results per institution", "",

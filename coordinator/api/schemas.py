@@ -146,6 +146,15 @@ class TrainIn(Strict):
     lr: FiniteFloat = Field(1e-3, gt=0, le=10)
     max_len: int = Field(256, ge=1, le=32768)
     seed: Seed = 0
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="each site's optimizer; sgd (with momentum) "
+                                               "suits the server optimizers (fedadam, fedavgm)")
+    momentum: FiniteFloat = Field(0.0, ge=0, lt=1, description="SGD momentum (optimizer sgd only)")
+
+    @model_validator(mode="after")
+    def _momentum_is_sgds(self) -> TrainIn:
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"train.momentum {self.momentum} is for optimizer 'sgd', not {self.optimizer!r}")
+        return self
 
 
 class PrivacyIn(Strict):

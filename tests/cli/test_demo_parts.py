@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from fedtune.cli import app
 from fedtune.cli.demo.evaluate import Metrics, evaluate, evaluate_records
 from fedtune.cli.demo.report import demo_passed, findings, verdicts, write_report
-from fedtune.cli.demo.run import DemoOptions, Results, SiteRun, _job_body, _train_local_args
+from fedtune.cli.demo.run import JOB_RECIPE, DemoOptions, Results, SiteRun, _job_body, _train_local_args
 from fedtune.cli.demo.sites import MERCHANT_CATEGORY, TRIAGE_LEVEL, Site, demo_sites, write_site_data
 from fedtune.client_agent.data import load_records
 from fedtune.coordinator.api.schemas import JobIn
@@ -119,15 +119,24 @@ def test_the_job_asks_for_the_whole_jobs_epsilon_and_the_api_accepts_it(tmp_path
     assert job.aggregation.method == "ffa" and job.lora.ffa
 
 
-def test_local_only_and_the_reference_train_as_the_job_does(tmp_path):
-    opts = DemoOptions(out=tmp_path, clients=2, rounds=3, steps=7, batch_size=16, lr=0.02, rank=4)
+def test_local_only_and_the_reference_train_as_long_as_the_job_each_with_its_own_optimizer(tmp_path):
+    opts = DemoOptions(out=tmp_path, clients=2, rounds=3, steps=7, batch_size=16, rank=4)
     res = Results(opts, tmp_path / "base", "d", False, _sites(tmp_path), tmp_path)
+    recipe = {"optimizer": "sgd", "lr": 0.3, "momentum": 0.5}
     args = _train_local_args(res, data=tmp_path / "pooled.jsonl", out=tmp_path / "o", epsilon=2.5,
-                             batch_size=3 * 16, dataset_id="pooled", state_dir=tmp_path / "s")
+                             batch_size=3 * 16, dataset_id="pooled", state_dir=tmp_path / "s", recipe=recipe)
     flags = dict(zip(args[3::2], args[4::2], strict=False))
     assert args[1:3] == ["agent", "train-local"]
     assert flags["--steps"] == "21" and flags["--batch-size"] == "48" and flags["--epsilon"] == "2.500000"
-    assert flags["--lr"] == "0.02" and flags["--rank"] == "4" and "--ffa" in args
+    assert flags["--rank"] == "4" and "--ffa" in args
+    assert (flags["--optimizer"], flags["--lr"], flags["--momentum"]) == ("sgd", "0.3", "0.5")
+
+
+def test_the_jobs_sites_train_with_the_job_recipe(tmp_path):
+    opts = DemoOptions(out=tmp_path, clients=2)
+    train = JobIn.model_validate(_job_body(opts, "0" * 64, _sites(tmp_path))).train
+    assert (train.optimizer, train.lr, train.momentum) == (JOB_RECIPE["optimizer"], JOB_RECIPE["lr"],
+                                                           JOB_RECIPE["momentum"])
 
 
 def _results(tmp_path: Path) -> Results:

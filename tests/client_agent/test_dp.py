@@ -275,6 +275,40 @@ def test_noise_only_step_adds_noise_and_is_accounted(base):
     assert accountant.history == [(1.0, 0.1, 1)]
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_site_trains_with_the_optimizer_its_config_names(base, optimizer):
+    """One DP step from B = 0 under heavy noise (sigma 50, C 1, expected batch 4: the noisy mean gradient has
+    std sigma * C / B = 12.5 per coordinate, the records' own signal is at most 1 / 4 in norm). By hand: SGD
+    moves B by lr x that (std 0.5 x 12.5); AdamW's first step moves every coordinate by lr, whatever its size."""
+    lr = 0.5 if optimizer == "sgd" else 0.01
+    cfg = TrainConfig(batch_size=4, physical_batch_size=4, steps=1, max_len=24, lr=lr, optimizer=optimizer)
+    privacy = dataclasses.replace(FIXED_NOISE, noise_multiplier=50.0)
+    state, _ = train_dp_lora(base, None, _records(64), cfg, privacy, LoraSettings(rank=2, ffa=True))
+    b = torch.cat([t.flatten() for n, t in state.items() if ".lora_B." in n]).double()
+    if optimizer == "sgd":
+        assert b.std().item() == pytest.approx(0.5 * 50 * 1.0 / 4, rel=0.1)
+    else:
+        assert torch.allclose(b.abs(), torch.full_like(b, lr), rtol=1e-3)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"optimizer": "adam"}, "optimizer 'adam' is not one of adamw, sgd"),
+    ({"optimizer": "sgd", "momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0"),
+    ({"momentum": 0.9}, "momentum 0.9 is for optimizer 'sgd'"),
+])
+def test_a_bad_optimizer_setting_is_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_sgd_momentum_is_torchs():
+    params = [nn.Parameter(torch.zeros(3))]
+    optimizer = TrainConfig(optimizer="sgd", lr=0.2, momentum=0.9).make_optimizer(params)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["lr"] == 0.2 and optimizer.defaults["momentum"] == 0.9
+    assert isinstance(TrainConfig(lr=0.2).make_optimizer(params), torch.optim.AdamW)
+
+
 def test_ffa_trains_b_only_and_a_stays(base):
     model = _randomized(attach_lora(base, LoraSettings(rank=2, ffa=True, expert_lora=True, seed=5)))
     a_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n}

@@ -171,6 +171,8 @@ def test_bad_client_bodies_name_the_field(api, body, field):
     ({"aggregation": {"method": "fedavg"}}, "ffa"),
     ({"clients": ["bank-a", "bank-a"]}, "twice"),
     ({"max_client_epsilon": 1.0}, "max_client_epsilon"),
+    ({"train": {"optimizer": "adam"}}, "optimizer"),
+    ({"train": {"momentum": 0.9}}, "train.momentum 0.9 is for optimizer 'sgd'"),
 ])
 def test_bad_job_bodies_are_refused_and_nothing_is_written(api, over, field):
     register(api, "bank-a")
