@@ -42,7 +42,11 @@ n = 64, 0.125 at n = 256), 64 held-out records per site, the tiny base, Opacus' 
 on 2 quiet cores (a K=8 setting about 8 minutes, a K=3 one about 2); `--sites 3 --records 64` about
 5 minutes. `--server-lr` sets fedavg's and ffa's server learning rate (0: sqrt(K); measured worse than
 1 at K=8). Each cell is one draw of data and noise (`--seed`): differences of a few points are
-noise; `--seed` reruns another draw.
+noise; `--seed` reruns another draw. `--site-optimizer sgd` trains the sites of every job with SGD
+(`--site-lr`, `--site-momentum`) instead of AdamW, `--alone-optimizer sgd` the local-only row
+(`--alone-lr`); the pooled references keep AdamW. SGD keeps each site's noisy update linear in its
+gradients, so the coordinator's average cancels the sites' noise (see TrainConfig.optimizer); its
+learning rate depends on the noise, AdamW's does not.
 
 What it found (seed 0; the tables are in the closing note of the federation issue): with mild label
 skew (alpha 10) the federated FFA adapter beats each site alone at 64 records per site (K=3: 79% vs
@@ -120,6 +124,22 @@ class Hyper:
     ffa_server_lr: float = 1.0  # server learning rate of fedavg / ffa; 0: sqrt(K)
     heldout: int = 64
     seed: int = 0
+    # Optimizers (TrainConfig.optimizer): the sites in a job, a site alone (local-only), the pooled references.
+    # "adamw" uses `lr`; "sgd" its own learning rate and momentum.
+    site_optimizer: str = "adamw"
+    site_lr: float = 0.05
+    site_momentum: float = 0.9
+    alone_optimizer: str = "adamw"
+    alone_lr: float = 0.15
+
+    def recipe(self, who: str) -> dict:
+        """TrainConfig's optimizer, lr and momentum for ``who``: "site" (in a job), "alone" or "pooled"."""
+        optimizer = {"site": self.site_optimizer, "alone": self.alone_optimizer}.get(who, "adamw")
+        if optimizer == "adamw":
+            return {"optimizer": "adamw", "lr": self.lr, "momentum": 0.0}
+        if who == "site":
+            return {"optimizer": "sgd", "lr": self.site_lr, "momentum": self.site_momentum}
+        return {"optimizer": "sgd", "lr": self.alone_lr, "momentum": 0.0}
 
     @property
     def total_steps(self) -> int:
@@ -189,10 +209,11 @@ class Lab:
                             seed=self.hp.seed)
 
     def train(self, state: dict[str, torch.Tensor] | None, records: list[Record], *, steps: int, batch_size: int,
-              sigma: float | None, epsilon: float, ffa: bool, seed: int) -> dict[str, torch.Tensor]:
-        """`train_dp_lora` with noise multiplier ``sigma`` (None: no DP); DP noise seeded (a benchmark, not secure)."""
+              sigma: float | None, epsilon: float, ffa: bool, seed: int, who: str) -> dict[str, torch.Tensor]:
+        """`train_dp_lora` with noise multiplier ``sigma`` (None: no DP) and ``who``'s optimizer (Hyper.recipe); DP
+        noise seeded (a benchmark, not secure)."""
         cfg = TrainConfig(batch_size=batch_size, physical_batch_size=batch_size, steps=steps, max_len=MAX_LEN,
-                          lr=self.hp.lr, seed=seed)
+                          seed=seed, **self.hp.recipe(who))
         privacy = (None if sigma is None else
                    PrivacyConfig(target_epsilon=epsilon, delta=DELTA, noise_multiplier=sigma, dp_seed=seed))
         with warnings.catch_warnings():
@@ -238,7 +259,7 @@ def run_federated(lab: Lab, sites: list[SiteData], strategy: str, sigmas: list[f
     for r in range(hp.rounds):
         updates = [ClientUpdate(s.site.client_id,
                                 lab.train(current, s.train, steps=hp.steps, batch_size=hp.batch_size, sigma=sigma,
-                                          epsilon=epsilon, ffa=ffa, seed=_seed(salt, r, i)),
+                                          epsilon=epsilon, ffa=ffa, seed=_seed(salt, r, i), who="site"),
                                 float(len(s.train)))
                    for i, (s, sigma) in enumerate(zip(sites, sigmas, strict=True))]
         result = aggregate(updates, current=current, config=config, server_state=server_state)
@@ -278,7 +299,8 @@ def run_setting(lab: Lab, setting: Setting, strategies: list[str], log) -> dict:
     row("base", lab.evaluate(None, True, sites), t)
     t = time.perf_counter()
     row("local-only DP", [lab.evaluate(lab.train(None, s.train, steps=total, batch_size=hp.batch_size, sigma=sigma,
-                                                 epsilon=setting.epsilon, ffa=True, seed=_seed(salt, 1, i)),
+                                                 epsilon=setting.epsilon, ffa=True, seed=_seed(salt, 1, i),
+                                                 who="alone"),
                                        True, [s])[0] for i, s in enumerate(sites)], t)
     for strategy in strategies:
         t = time.perf_counter()
@@ -293,7 +315,7 @@ def run_setting(lab: Lab, setting: Setting, strategies: list[str], log) -> dict:
         t = time.perf_counter()
         mixed = [lab.evaluate(lab.train(state, s.train, steps=hp.personal_steps, batch_size=hp.batch_size,
                                         sigma=sigma_personal, epsilon=setting.epsilon, ffa=True,
-                                        seed=_seed(salt, 4, i)), True, [s])[0] if p else m
+                                        seed=_seed(salt, 4, i), who="site"), True, [s])[0] if p else m
                  for i, (s, p, m) in enumerate(zip(sites, personal, shared, strict=True))]
         row("federated DP ffa+personal", mixed, t,
             f"personalised: {', '.join(str(i) for i, p in enumerate(personal) if p) or 'none'}")
@@ -301,7 +323,8 @@ def run_setting(lab: Lab, setting: Setting, strategies: list[str], log) -> dict:
     for private in (True, False):
         t = time.perf_counter()
         state = lab.train(None, pooled, steps=total, batch_size=hp.batch_size * setting.sites,
-                          sigma=sigma if private else None, epsilon=setting.epsilon, ffa=True, seed=_seed(salt, 5))
+                          sigma=sigma if private else None, epsilon=setting.epsilon, ffa=True, seed=_seed(salt, 5),
+                          who="pooled")
         row(f"centralized {'DP' if private else 'non-private'}", lab.evaluate(state, True, sites), t)
     return out
 
@@ -375,6 +398,13 @@ def main() -> None:
     parser.add_argument("--fedadam-lr", type=float, default=Hyper.fedadam_lr, help="fedadam's server learning rate")
     parser.add_argument("--server-lr", type=float, default=Hyper.ffa_server_lr,
                         help="fedavg's and ffa's server learning rate (0: sqrt of the number of sites)")
+    parser.add_argument("--site-optimizer", choices=("adamw", "sgd"), default=Hyper.site_optimizer,
+                        help="the sites' optimizer in the federated jobs (adamw uses --lr)")
+    parser.add_argument("--site-lr", type=float, default=Hyper.site_lr, help="their SGD learning rate")
+    parser.add_argument("--site-momentum", type=float, default=Hyper.site_momentum, help="their SGD momentum")
+    parser.add_argument("--alone-optimizer", choices=("adamw", "sgd"), default=Hyper.alone_optimizer,
+                        help="a site's optimizer alone (local-only; adamw uses --lr)")
+    parser.add_argument("--alone-lr", type=float, default=Hyper.alone_lr, help="its SGD learning rate (no momentum)")
     parser.add_argument("--heldout", type=int, default=Hyper.heldout, help="held-out records per site")
     parser.add_argument("--seed", type=int, default=0, help="draw of data and DP noise")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 4 steps, 24 held-out records")
@@ -384,7 +414,8 @@ def main() -> None:
     args = parser.parse_args()
     hp = Hyper(rounds=args.rounds, steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank,
                personal_steps=args.personal_steps, personal_share=args.personal_share, fedadam_lr=args.fedadam_lr,
-               ffa_server_lr=args.server_lr,
+               ffa_server_lr=args.server_lr, site_optimizer=args.site_optimizer, site_lr=args.site_lr,
+               site_momentum=args.site_momentum, alone_optimizer=args.alone_optimizer, alone_lr=args.alone_lr,
                heldout=args.heldout, seed=args.seed)
     if args.quick:
         hp = dataclasses.replace(hp, rounds=2, steps=4, personal_steps=4, heldout=24)
@@ -411,7 +442,8 @@ def main() -> None:
     order = {s: i for i, s in enumerate(sorted(settings, key=lambda s: (s.sites, s.records, s.alpha, s.epsilon)))}
     results.sort(key=lambda r: order[Setting(**r["setting"])])
     print(f"\nheld-out accuracy, mean over sites / worst site ({wall:.0f} s wall, {hp.rounds} rounds x "
-          f"{hp.steps} steps, batch {hp.batch_size}, lr {hp.lr}, rank {hp.rank}):\n")
+          f"{hp.steps} steps, batch {hp.batch_size}, rank {hp.rank}; sites in a job {hp.recipe('site')}, a site "
+          f"alone {hp.recipe('alone')}, pooled {hp.recipe('pooled')}):\n")
     print(markdown_table(results, args.strategies))
     if args.json:
         args.json.write_text(json.dumps({"hyperparameters": dataclasses.asdict(hp), "wall_seconds": round(wall, 1),
