@@ -9,11 +9,28 @@ fails the test: CI sets the variable, and a silently skipped PostgreSQL run woul
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 import pytest
 
 PG_ENV = "FEDTUNE_TEST_DATABASE_URL"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """torch in the test process runs on one thread. The suite's tensors are tiny, and its tests run beside
+    processes of their own (agents, coordinators) or anyone's on two cores: with two threads, OpenMP's
+    spin-waiting for a descheduled thread made a 30-step LoRA run on the tiny base 30x slower (52 s instead of
+    1.6 s); one thread costs ~7% on an idle machine. Processes the tests start choose their own threads."""
+    torch = sys.modules.get("torch")  # collection imported it if any test needs it; nothing to import otherwise
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
