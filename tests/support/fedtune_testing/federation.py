@@ -13,6 +13,8 @@ import base64
 import json
 import os
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fedtune.compliance.signing import encode_public_key, generate_signing_key, save_private_key
@@ -20,14 +22,15 @@ from fedtune.coordinator.encryption import generate_blob_key
 from fedtune.coordinator.migrations import upgrade_database
 from fedtune.coordinator.rounds import CoordinatorContext, create_initial_version
 from fedtune.coordinator.store import Client, Job, create_session_factory, create_store_engine
+from fedtune.coordinator.store.engine import read_session_factory
 from fedtune.coordinator.superlink import (
     free_port,
     register_supernode,
+    run_status,
     start_run,
     start_superlink,
     venv_bin,
     wait_for_port,
-    wait_for_run,
     write_flower_app_dir,
     write_flwr_home,
 )
@@ -62,6 +65,7 @@ class Federation:
         self.procs: list = []
         self.agents: list = []
         self.keys: dict[str, Path] = {}
+        self.run_jobs: dict[int, str] = {}  # Flower run id -> job id
         self.tls = None
         self.db_url = f"sqlite:///{root / 'coordinator.db'}"
         self.metrics_file = root / "round-metrics.jsonl"
@@ -154,19 +158,43 @@ class Federation:
         """``flwr run`` of the job; returns the Flower run id. ``expected_nodes``: how many SuperNodes the
         ServerApp waits for before its first round (default: every client)."""
         expected = len(self.clients) if expected_nodes is None else expected_nodes
-        return start_run(self.app_dir, flwr_home=self.flwr_home, connection=CONNECTION,
-                         run_config=f"job-id='{job_id}' expected-nodes={expected}")
+        run_id = start_run(self.app_dir, flwr_home=self.flwr_home, connection=CONNECTION,
+                           run_config=f"job-id='{job_id}' expected-nodes={expected}")
+        self.run_jobs[run_id] = job_id
+        return run_id
 
     def wait(self, run_id: int, timeout_s: float = 420) -> str:
-        """The run's final Flower status (``finished:completed`` when the ServerApp returned)."""
-        return wait_for_run(run_id, flwr_home=self.flwr_home, connection=CONNECTION, cwd=self.root,
-                            timeout_s=timeout_s)
+        """The run's final Flower status (``finished:completed`` when the ServerApp returned).
+
+        Each ``flwr ls`` is a process start (about a CPU-second, which two cores running the agents feel):
+        while the run's job is still running in the store, Flower is asked only every 15 s (a run can end
+        without its job: a killed ServerApp), after that every second.
+
+        Raises:
+            TimeoutError: the run is not finished after ``timeout_s``.
+        """
+        reads = read_session_factory(self.ctx.sessions)  # a plain BEGIN: the ServerApp's writes never wait for it
+        deadline = time.monotonic() + timeout_s
+        asked, status = 0.0, ""
+        while time.monotonic() < deadline:
+            with reads() as s:
+                job = s.get(Job, self.run_jobs.get(run_id, ""))
+                running = job is not None and job.status in ("created", "running")
+            if not running or time.monotonic() - asked > 15:
+                asked = time.monotonic()
+                status = run_status(run_id, flwr_home=self.flwr_home, connection=CONNECTION, cwd=self.root)
+                if status.startswith("finished"):
+                    return status
+            time.sleep(0.5 if running else 1.0)
+        raise TimeoutError(f"run {run_id} is still {status!r} after {timeout_s} s")
 
     def logs(self) -> str:
         return "\n".join([p.log_tail() for p in self.procs] + [a.log_tail() for a in self.agents])
 
     def stop(self) -> None:
-        for agent in self.agents:
-            agent.stop()
+        """Every agent at once (each SuperNode, then its daemon: a SuperNode takes seconds to exit, ten one after
+        another took half a minute), then the SuperLink."""
+        with ThreadPoolExecutor(max_workers=max(1, len(self.agents))) as pool:
+            list(pool.map(lambda agent: agent.stop(), self.agents))
         for proc in self.procs:
             proc.stop()
