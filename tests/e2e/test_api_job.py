@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fedtune.coordinator.superlink import free_port, venv_bin
+from fedtune.coordinator.superlink import free_port, venv_bin, wait_for_run, write_flwr_home
 from fedtune.coordinator.tls import write_self_signed_ca_and_server_cert
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -309,8 +309,12 @@ def test_a_consortium_set_up_and_run_as_the_deployment_guide_says(deployment):
     _wait("round 1", lambda: rounds_done() >= 1, 300, logs)
     t_first = time.monotonic() - t0
     assert api.post(f"/jobs/{JOB_ID}/pause", headers=op).json()["status"] == "paused"
-    # the round in flight (if any) still commits; then nothing more happens while paused
-    time.sleep(45)
+    # the round in flight (if any) still commits, then the ServerApp returns: its Flower run finishes (asked on
+    # loopback, where the SuperLink's Control API is); then nothing more happens while paused
+    (run_id, *_) = re.findall(rf"job {JOB_ID}: started Flower run (\d+)", d["serve"].text())[::-1]
+    flwr_home = write_flwr_home(d["root"] / "flwr-home", name="e2e", port=d["superlink"], root_cert=d["tls"].ca_cert)
+    assert wait_for_run(int(run_id), flwr_home=flwr_home, connection="e2e", cwd=d["root"], timeout_s=300) == \
+        "finished:completed", logs()
     paused_at = rounds_done()
     assert 1 <= paused_at <= 2, logs()
     time.sleep(15)
