@@ -125,6 +125,7 @@ class Hyper:
     rank: int = 8
     personal_steps: int = 20
     personal_share: float = 0.5
+    personal_recipe: str = "site"  # the personal steps train with the sites' job recipe, or "alone"'s
     fedadam_lr: float = 0.01
     ffa_server_lr: float = 1.0  # server learning rate of fedavg / ffa; 0: sqrt(K)
     heldout: int = 64
@@ -320,7 +321,7 @@ def run_setting(lab: Lab, setting: Setting, strategies: list[str], log) -> dict:
         t = time.perf_counter()
         mixed = [lab.evaluate(lab.train(state, s.train, steps=hp.personal_steps, batch_size=hp.batch_size,
                                         sigma=sigma_personal, epsilon=setting.epsilon, ffa=True,
-                                        seed=_seed(salt, 4, i), who="site"), True, [s])[0] if p else m
+                                        seed=_seed(salt, 4, i), who=hp.personal_recipe), True, [s])[0] if p else m
                  for i, (s, p, m) in enumerate(zip(sites, personal, shared, strict=True))]
         row("federated DP ffa+personal", mixed, t,
             f"personalised: {', '.join(str(i) for i, p in enumerate(personal) if p) or 'none'}")
@@ -400,6 +401,8 @@ def main() -> None:
     parser.add_argument("--personal-steps", type=int, default=Hyper.personal_steps)
     parser.add_argument("--personal-share", type=float, default=Hyper.personal_share,
                         help="a site personalises when its majority label has at least this share of its records")
+    parser.add_argument("--personal-recipe", choices=("site", "alone"), default=Hyper.personal_recipe,
+                        help="the personal steps' optimizer: the sites' in the job, or a site's alone")
     parser.add_argument("--fedadam-lr", type=float, default=Hyper.fedadam_lr, help="fedadam's server learning rate")
     parser.add_argument("--server-lr", type=float, default=Hyper.ffa_server_lr,
                         help="fedavg's and ffa's server learning rate (0: sqrt of the number of sites)")
@@ -418,7 +421,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every number (per site) here")
     args = parser.parse_args()
     hp = Hyper(rounds=args.rounds, steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank,
-               personal_steps=args.personal_steps, personal_share=args.personal_share, fedadam_lr=args.fedadam_lr,
+               personal_steps=args.personal_steps, personal_share=args.personal_share,
+               personal_recipe=args.personal_recipe, fedadam_lr=args.fedadam_lr,
                ffa_server_lr=args.server_lr, site_optimizer=args.site_optimizer, site_lr=args.site_lr,
                site_momentum=args.site_momentum, alone_optimizer=args.alone_optimizer, alone_lr=args.alone_lr,
                heldout=args.heldout, seed=args.seed)
