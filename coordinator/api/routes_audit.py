@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from fedtune.coordinator.api.schemas import (
     parse_instant,
 )
 from fedtune.coordinator.store import AdapterVersion, AuditCheckpoint, AuditEvent, Client, Job, Round, Update
+from fedtune.coordinator.store.audit import AuditIntegrityError
 
 router = APIRouter(prefix=API_PREFIX)
 
@@ -106,8 +108,12 @@ def export(body: AuditExportIn, request: Request) -> Response:
     sessions = settings_of(request).ctx.sessions
     with tempfile.TemporaryDirectory() as tmp, _snapshot(request) as rs, sessions.begin() as s:
         out = Path(tmp) / "audit-export"
-        result = export_audit(s, out, signing_key=key, record_format=body.format, job_id=body.job_id,
-                              since=since, until=until, read=rs)
+        try:
+            result = export_audit(s, out, signing_key=key, record_format=body.format, job_id=body.job_id,
+                                  since=since, until=until, read=rs)
+        except AuditIntegrityError as e:
+            raise HTTPException(409, f"{e}; nothing was exported or signed (POST /audit/verify says the same, "
+                                     f"read-only)") from e
         record_change(request, s, resource_type="audit", resource_id=None,
                       context={"records": result.records, "complete": result.complete,
                                "tree_size": result.checkpoint.tree_size, "root_hash": result.checkpoint.root_hash,
@@ -144,13 +150,25 @@ def verify(request: Request) -> VerifyOut:
             since = None if earlier is None else Checkpoint(
                 tree_size=earlier.tree_size, root_hash=earlier.root_hash, signed_at=earlier.signed_at,
                 key_id=earlier.key_id, signature=earlier.signature)
-            export_audit(s, Path(tmp) / "export", signing_key=key, read=rs)
+            try:
+                export_audit(s, Path(tmp) / "export", signing_key=key, read=rs)
+            except AuditIntegrityError as e:  # the stored log fails its chain or a checkpoint: verification fails
+                records = rs.execute(select(func.count()).select_from(AuditEvent)).scalar_one()
+                return VerifyOut(ok=False, records=records, tree_size=None, root_hash=None, key_id=None,
+                                 since_tree_size=since.tree_size if since else None, first_bad_seq=_first_seq(str(e)),
+                                 first_problem=str(e), summary=f"FAILED: {e}; no checkpoint was signed")
         result = verify_export(Path(tmp) / "export", pubkey=key.public_key(), since_checkpoint=since)
     first = result.first_problem
     return VerifyOut(ok=result.ok, records=result.records, tree_size=result.tree_size, root_hash=result.root_hash,
                      key_id=result.key_id, since_tree_size=result.since_tree_size,
                      first_bad_seq=result.first_bad_seq, first_problem=str(first) if first else None,
                      summary=result.summary())
+
+
+def _first_seq(problem: str) -> int | None:
+    """The record a chain problem names ("seq 6 [content]: ..."), if it names one."""
+    match = re.search(r"\bseq (\d+)\b", problem)
+    return int(match.group(1)) if match else None
 
 
 @router.get("/jobs/{job_id}/processing-record", name="report.processing", tags=["report"],

@@ -26,42 +26,8 @@ from fedtune.coordinator.rounds import JobPlan, registered_clients
 from fedtune.coordinator.store import AdapterVersion, AuditEvent, Client, Job
 from fedtune.coordinator.store.models import RetiredFlowerNode
 from fedtune.coordinator.validation import Accepted, Rejected, RejectReason, RoundExpectation, validate_reply
-from fedtune_testing.api import ROLES, auth, register
-
-# The expected authorization of every endpoint, written from the role model (not from
-# the code's table): "O" operator, "A" auditor; admin may do everything.
-#   (method, path, roles besides admin)
-MATRIX = [
-    ("POST", "/api/v1/clients", "O"),
-    ("GET", "/api/v1/clients", "OA"),
-    ("GET", "/api/v1/clients/{client_id}", "OA"),
-    ("POST", "/api/v1/clients/{client_id}/revoke", "O"),
-    ("POST", "/api/v1/clients/{client_id}/keys", "O"),
-    ("POST", "/api/v1/jobs", "O"),
-    ("GET", "/api/v1/jobs", "OA"),
-    ("GET", "/api/v1/jobs/{job_id}", "OA"),
-    ("POST", "/api/v1/jobs/{job_id}/start", "O"),
-    ("POST", "/api/v1/jobs/{job_id}/pause", "O"),
-    ("POST", "/api/v1/jobs/{job_id}/resume", "O"),
-    ("POST", "/api/v1/jobs/{job_id}/abort", "O"),
-    ("GET", "/api/v1/jobs/{job_id}/rounds", "OA"),
-    ("GET", "/api/v1/jobs/{job_id}/suspensions", "OA"),
-    ("POST", "/api/v1/jobs/{job_id}/suspensions/{client_id}/lift", "O"),
-    ("GET", "/api/v1/jobs/{job_id}/adapters", "OA"),
-    ("GET", "/api/v1/jobs/{job_id}/adapters/{version}", "OA"),
-    ("GET", "/api/v1/jobs/{job_id}/adapters/{version}/lineage", "OA"),
-    ("GET", "/api/v1/jobs/{job_id}/adapters/{version}/download", "O"),
-    ("POST", "/api/v1/jobs/{job_id}/adapters/{version}/promote", "O"),
-    ("POST", "/api/v1/jobs/{job_id}/adapters/rollback", "O"),
-    ("GET", "/api/v1/clients/{client_id}/privacy/ledger", "OA"),
-    ("GET", "/api/v1/clients/{client_id}/privacy/budget", "OA"),
-    ("GET", "/api/v1/audit/events", "A"),
-    ("GET", "/api/v1/audit/checkpoints", "A"),
-    ("POST", "/api/v1/audit/export", "A"),
-    ("POST", "/api/v1/audit/verify", "A"),
-    ("GET", "/api/v1/jobs/{job_id}/processing-record", "A"),
-    ("GET", "/api/v1/metrics", "O"),
-]
+from fedtune_testing.api import MATRIX, ROLES, auth, register
+from fedtune_testing.tamper import DatabaseTamperer
 
 
 def job_body(api, job_id="job-1", clients=("bank-a", "bank-b"), **over) -> dict:
@@ -317,6 +283,21 @@ def ssh_public_key(curve: ec.EllipticCurve | None = None, comment: str = "") -> 
 
 def p384_key(comment: str = "") -> str:
     return ssh_public_key(ec.SECP384R1(), comment)
+
+
+def test_verify_of_a_store_altered_behind_its_triggers_fails_and_export_is_a_409(api, store_engine):
+    register(api, "bank-a")
+    assert api.post("/api/v1/audit/verify", headers=auth(api, "auditor")).json()["ok"] is True
+    tamperer = DatabaseTamperer(store_engine)
+    tamperer.drop_triggers()
+    tamperer.execute("UPDATE audit_events SET outcome = 'failure' WHERE seq = 2")
+    r = api.post("/api/v1/audit/verify", headers=auth(api, "auditor"))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["ok"] is False and out["first_bad_seq"] == 2 and "seq 2" in out["first_problem"]
+    assert out["summary"].startswith("FAILED") and out["records"] >= 3
+    r = api.post("/api/v1/audit/export", headers=auth(api, "auditor"), json={"format": "jsonl"})
+    assert r.status_code == 409 and "not sound" in r.json()["detail"]
 
 
 def client_body(client_id: str, **over) -> dict:
