@@ -69,6 +69,11 @@ API_ACTIONS = {
     "token.create": "create an admin-API token (CLI)",
     "token.revoke": "revoke an admin-API token (CLI)",
     "api.unknown": "a request to a path or method the API does not have",
+    "console.sign_in": "sign in to the web console with an admin-API token, exchanged for a session cookie (the "
+                       "token is not kept); refused: a bad token or a forged form",
+    "console.sign_out": "sign out of the web console (its session ends)",
+    "console.session": "a console page read its session (role, allowed actions, CSRF token); refused once the session "
+                       "ended",
     "request.refused_burst": "refused requests (401 / 403) from one origin beyond its limit in one window, each "
                              "answered 429: their count, first and last time, statuses, reasons, paths",
 }

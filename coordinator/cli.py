@@ -294,7 +294,7 @@ def run_coordinator(cfg: ServeConfig) -> None:
     for digest, path in catalog.paths.items():
         console.print(f"base {path}: digest {digest}")
     settings = ApiSettings(ctx=ctx, catalog=catalog, signing_key=signing_key,
-                           refusals=RefusalLimiter(cfg.refusal_policy()))
+                           refusals=RefusalLimiter(cfg.refusal_policy()), secure_cookies=tls is not None)
     with contextlib.ExitStack() as running:  # stops what started, last first, however serve ends
         running.enter_context(_signals_exit())
         if cfg.superlink:
@@ -302,7 +302,7 @@ def run_coordinator(cfg: ServeConfig) -> None:
         api = ThreadedServer.start(create_app(settings), name="admin API", host=cfg.host, port=cfg.port, tls=tls,
                                    **server_options)
         running.callback(api.stop)
-        console.print(f"admin API on {api.url()}/api/v1 (OpenAPI: /docs)")
+        console.print(f"admin API on {api.url()}/api/v1 (OpenAPI: /docs); web console on {api.url()}/console")
         api.wait()
 
 

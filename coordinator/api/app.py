@@ -19,7 +19,9 @@ and summed up in ONE ``request.refused_burst`` record, written when the window c
 request, or by the sweeper this app's lifespan runs) or at shutdown. A request that is not refused is
 never limited.
 
-Not audited: ``/healthz`` (liveness probes would drown the trail) and the OpenAPI document.
+Not audited: ``/healthz`` (liveness probes would drown the trail), the OpenAPI document and the
+(empty) ``/favicon.ico`` a browser asks for with every page it shows. The web console's own routes
+(``/console``) audit their sign-ins themselves (:mod:`fedtune.coordinator.console.routes`).
 
 A request is matched to its route (and so to its action) before it runs, so the body-size limit
 and authorization are decided in one place, before any handler sees the request. Every response
@@ -41,7 +43,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -49,8 +51,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fedtune.coordinator.api.auth import Actor, allowed, authenticate
+from fedtune.coordinator.api.auth import Actor, allowed, authenticate, authenticate_token_id
 from fedtune.coordinator.api.refusals import Burst, RefusalLimiter, Verdict
+from fedtune.coordinator.console.sessions import COOKIE, CSRF_HEADER, ConsoleSessions, csrf_matches
 from fedtune.coordinator.rounds import CoordinatorContext
 from fedtune.coordinator.store import append_audit_event
 from fedtune.coordinator.store.engine import read_session_factory
@@ -58,7 +61,9 @@ from fedtune.coordinator.store.engine import read_session_factory
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
-UNAUDITED_PATHS = ("/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+UNAUDITED_PATHS = ("/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/favicon.ico")
+CONSOLE_PREFIX = "/console"  # the web console's pages audit their own sign-ins (coordinator/console)
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SWEEP_INTERVAL_S = 1.0
 """How often the lifespan's sweeper writes the bursts of closed windows."""
@@ -78,6 +83,9 @@ class ApiSettings:
         max_page_size: the largest ``limit`` a list endpoint takes.
         max_body_bytes: the largest request body (413 above it).
         refusals: the per-origin limit on refused requests (:mod:`.refusals`).
+        console: the web console's signed-in sessions (:mod:`fedtune.coordinator.console`).
+        secure_cookies: mark the console's cookies ``Secure`` (the API is served over TLS); they are
+            also marked on any request that arrived over HTTPS.
     """
 
     ctx: CoordinatorContext
@@ -86,6 +94,8 @@ class ApiSettings:
     max_page_size: int = 200
     max_body_bytes: int = 1 << 20
     refusals: RefusalLimiter = field(default_factory=RefusalLimiter)
+    console: ConsoleSessions = field(default_factory=ConsoleSessions)
+    secure_cookies: bool = False
     requests: Counter = field(default_factory=Counter)  # (action, outcome) -> count, for /metrics
 
     @cached_property
@@ -124,7 +134,9 @@ def _append(request: Request, session: Session, *, outcome: str, reason: str | N
                        actor_role=actor.role, resource_type=resource_type, resource_id=resource_id,
                        outcome=outcome, reason_code=reason, origin=f"{client.host}" if client else None,
                        request_id=request.state.request_id,
-                       context={"method": request.method, "path": request.url.path[:200], **(context or {})})
+                       context={"method": request.method, "path": request.url.path[:200],
+                                **({"via": "console"} if getattr(request.state, "via", None) == "console" else {}),
+                                **(context or {})})
 
 
 def _outcome(status: int) -> tuple[str, str | None]:
@@ -214,9 +226,17 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.include_router(module.router)
         api_routes += [r for r in module.router.routes if isinstance(r, APIRoute)]
 
+    from fedtune.coordinator.console import routes as console_routes
+
+    app.include_router(console_routes.router)
+
     @app.get("/healthz", tags=["service"], summary="Liveness (no auth, not audited)")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:  # a browser asks for one with every page it shows (a JSON response too): no record
+        return Response(status_code=204)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -234,7 +254,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def audit_and_authorize(request: Request, call_next):
         settings: ApiSettings = request.app.state.settings
         path = request.url.path
-        if path in UNAUDITED_PATHS:
+        if path in UNAUDITED_PATHS or path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/"):
             return await call_next(request)
         given = request.headers.get("x-request-id", "")
         request.state.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
@@ -242,16 +262,24 @@ def create_app(settings: ApiSettings) -> FastAPI:
         route, method_ok, params = _match(api_routes, request.scope)
         request.state.action = route.name if route is not None and method_ok else "api.unknown"
         request.state.actor = None
+        request.state.via = "console" if "authorization" not in request.headers and COOKIE in request.cookies \
+            else "token"
         resource_type = route.tags[0] if route is not None and route.tags else "api"
         request.state.resource_id = _resource_id(params)
         response = None
         try:
-            actor, reason = await run_in_threadpool(_authenticate, settings, request.headers.get("authorization"))
+            actor, reason = await run_in_threadpool(_authenticate, settings, request)
             request.state.actor = actor
             if actor is None:
-                response = _error(401, f"authentication failed ({reason}): send 'Authorization: Bearer <token>'",
+                response = _error(401, f"authentication failed ({reason}): send 'Authorization: Bearer <token>'"
+                                  + (" or sign in to the console again" if request.state.via == "console" else ""),
                                   {"WWW-Authenticate": "Bearer"})
                 return await _refuse(settings, request, response, resource_type, reason)
+            if request.state.via == "console" and request.method not in SAFE_METHODS and not csrf_matches(
+                    settings.console.get(request.cookies.get(COOKIE)), request.headers.get(CSRF_HEADER)):
+                response = _error(403, f"a console request that changes something needs the session's "
+                                       f"{CSRF_HEADER} header (a cross-site request cannot have it)")
+                return await _refuse(settings, request, response, resource_type, "csrf_failed")
             if request.state.action != "api.unknown" and not allowed(request.state.action, actor.role):
                 response = _error(403, f"role {actor.role!r} may not {request.state.action}")
                 return await _refuse(settings, request, response, resource_type, "role_not_allowed")
@@ -273,9 +301,21 @@ def create_app(settings: ApiSettings) -> FastAPI:
     return app
 
 
-def _authenticate(settings: ApiSettings, header: str | None) -> tuple[Actor | None, str | None]:
+def _authenticate(settings: ApiSettings, request: Request) -> tuple[Actor | None, str | None]:
+    """A bearer token (the API's clients), else the console's session cookie (a browser): the session's
+    token is checked again on every request, so revoking it ends the session at once."""
+    header = request.headers.get("authorization")
+    if request.state.via != "console":
+        with settings.read_sessions() as s:
+            return authenticate(s, header)
+    session = settings.console.get(request.cookies.get(COOKIE))
+    if session is None:
+        return None, "console_session_expired"
     with settings.read_sessions() as s:
-        return authenticate(s, header)
+        actor, reason = authenticate_token_id(s, session.token_id)
+    if actor is None:
+        settings.console.end_token(session.token_id)
+    return actor, reason
 
 
 def _match(routes: list[APIRoute], scope: Scope) -> tuple[APIRoute | None, bool, dict[str, Any]]:
@@ -319,13 +359,13 @@ async def _refuse(settings: ApiSettings, request: Request, response: JSONRespons
         response.headers.update(verdict.headers())
         return await _finish(settings, request, response, resource_type, reason)
     settings.requests[(request.state.action, "rate_limited")] += 1
-    response = _too_many_refused(verdict)
+    response = too_many_refused(verdict)
     response.headers["X-Request-ID"] = request.state.request_id
-    await _write_closed_bursts(settings)
+    await write_closed_bursts(settings)
     return response
 
 
-def _too_many_refused(verdict: Verdict) -> JSONResponse:
+def too_many_refused(verdict: Verdict) -> JSONResponse:
     limit, window_s = verdict.policy.limit, f"{verdict.policy.window_s:g}"
     detail = (f"too many refused requests from {verdict.origin}: {limit} per {window_s} s are answered and "
               f"audited one by one, the rest of the window are refused here and audited together; retry after "
@@ -334,7 +374,7 @@ def _too_many_refused(verdict: Verdict) -> JSONResponse:
         "detail": detail, "limit": limit, "window_s": verdict.policy.window_s, "retry_after_s": verdict.reset_s})
 
 
-async def _write_closed_bursts(settings: ApiSettings) -> None:
+async def write_closed_bursts(settings: ApiSettings) -> None:
     bursts = settings.refusals.take_closed()
     if bursts:
         await run_in_threadpool(_write_bursts, settings, bursts)
@@ -364,7 +404,7 @@ async def _write_bursts_while_serving(app: FastAPI):
     async def sweep() -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
-            await _write_closed_bursts(app.state.settings)
+            await write_closed_bursts(app.state.settings)
 
     sweeper = asyncio.create_task(sweep())
     try:
@@ -387,6 +427,6 @@ async def _finish(settings: ApiSettings, request: Request, response, resource_ty
                 _append(request, s, outcome=outcome, reason=reason or default_reason, resource_type=resource_type,
                         resource_id=request.state.resource_id, context={"status": response.status_code})
         await run_in_threadpool(write)
-    await _write_closed_bursts(settings)
+    await write_closed_bursts(settings)
     response.headers["X-Request-ID"] = request.state.request_id
     return response

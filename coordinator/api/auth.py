@@ -125,5 +125,15 @@ def authenticate(session: Session, authorization: str | None) -> tuple[Actor | N
     return Actor("token", f"token:{row.id}", row.role), None
 
 
+def authenticate_token_id(session: Session, token_id: int) -> tuple[Actor | None, str | None]:
+    """(actor, None) while the token a console session was opened with is still valid, else (None, reason)."""
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        return None, "invalid_token"
+    if row.revoked_at is not None:
+        return None, "revoked_token"
+    return Actor("token", f"token:{row.id}", row.role), None
+
+
 def allowed(action: str, role: str | None) -> bool:
     return role is not None and role in PERMISSIONS.get(action, frozenset())

@@ -1,0 +1,106 @@
+"""Console sessions: an admin-API token exchanged for a short-lived session cookie.
+
+The browser never keeps the token: it is posted once to ``/console/sign-in``, checked like a bearer
+token, and the session remembers only the token's row id and role. The cookie carries a random
+session id (256 bits); the coordinator keeps its SHA-256, so a copy of its memory holds no usable
+cookie. Each session has its own CSRF token, which the page reads from ``/console/session`` (a
+same-origin read no other site can make) and sends as ``X-CSRF-Token`` with every change.
+
+A session ends at sign-out, after :data:`IDLE_S` without a request, :data:`MAX_AGE_S` after sign-in,
+or as soon as its token is revoked (checked on every request: ``api.auth.authenticate_token_id``).
+Sessions live in the coordinator's memory: a restart signs everyone out, which for a console of a
+few operators is the safe side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+COOKIE = "fedtune_session"
+SIGN_IN_COOKIE = "fedtune_sign_in"  # the sign-in form's own CSRF nonce (double submit), before any session
+CSRF_HEADER = "x-csrf-token"
+IDLE_S = 15 * 60.0
+MAX_AGE_S = 8 * 3600.0
+MAX_SESSIONS = 1000  # the oldest go first beyond this: sign-ins cannot grow the coordinator's memory without limit
+
+
+@dataclass
+class ConsoleSession:
+    token_id: int
+    role: str
+    csrf: str
+    signed_in: float
+    last_seen: float
+
+    def expired(self, now: float) -> bool:
+        return now - self.last_seen > IDLE_S or now - self.signed_in > MAX_AGE_S
+
+
+def _key(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode("utf-8")).hexdigest()
+
+
+class ConsoleSessions:
+    """The signed-in sessions, by the hash of their id (thread-safe: the API's handlers run in a pool)."""
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self._sessions: dict[str, ConsoleSession] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def create(self, token_id: int, role: str) -> tuple[str, ConsoleSession]:
+        """A new session for the token ``token_id``; returns (the cookie's value, the session)."""
+        session_id = secrets.token_urlsafe(32)
+        now = self._clock()
+        session = ConsoleSession(token_id=token_id, role=role, csrf=secrets.token_urlsafe(32), signed_in=now,
+                                 last_seen=now)
+        with self._lock:
+            self._drop_expired(now)
+            while len(self._sessions) >= MAX_SESSIONS:
+                self._sessions.pop(min(self._sessions, key=lambda k: self._sessions[k].last_seen))
+            self._sessions[_key(session_id)] = session
+        return session_id, session
+
+    def get(self, session_id: str | None) -> ConsoleSession | None:
+        """The live session of a cookie value (its idle clock restarts), or None."""
+        if not session_id or len(session_id) > 100:
+            return None
+        now = self._clock()
+        with self._lock:
+            session = self._sessions.get(_key(session_id))
+            if session is None:
+                return None
+            if session.expired(now):
+                del self._sessions[_key(session_id)]
+                return None
+            session.last_seen = now
+            return session
+
+    def end(self, session_id: str | None) -> bool:
+        """Sign a session out; True if it was live."""
+        if not session_id:
+            return False
+        with self._lock:
+            return self._sessions.pop(_key(session_id), None) is not None
+
+    def end_token(self, token_id: int) -> None:
+        """End every session of a token (it was revoked)."""
+        with self._lock:
+            for key in [k for k, s in self._sessions.items() if s.token_id == token_id]:
+                del self._sessions[key]
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def _drop_expired(self, now: float) -> None:
+        for key in [k for k, s in self._sessions.items() if s.expired(now)]:
+            del self._sessions[key]
+
+
+def csrf_matches(session: ConsoleSession | None, given: str | None) -> bool:
+    """Whether ``given`` is the session's CSRF token (constant-time)."""
+    return session is not None and bool(given) and secrets.compare_digest(session.csrf.encode(), given.encode())
