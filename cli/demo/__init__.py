@@ -26,7 +26,7 @@ def demo(
                                                      "site shares, in the same job, to show what federation does for "
                                                      "it and to the others (it pulls the shared adapter its own way).")
                              ] = False,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 12,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 16,
     base: Annotated[Path | None, typer.Option(help="A base checkpoint to use instead of building the demo base "
                                                    "(its own tokenizer is used).")] = None,
     out: Annotated[Path, typer.Option(help="Directory for the base (built once) and each run's files and report.")]

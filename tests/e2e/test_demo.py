@@ -8,8 +8,10 @@ this also exercises the deployment path on localhost.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -71,6 +73,16 @@ def test_shortened_demo_writes_a_report_that_passes_its_checks(tmp_path):
     for png in ("rounds.png", "epsilon.png", "comparison.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"]({png})" in report
+
+    # the web console's address and a sign-in token, printed for a person to watch the job live: an admin token
+    # of this run's coordinator
+    console = re.search(r"web console (https://127\.0\.0\.1:\d+/console) .*?token (ftk_[A-Za-z0-9_-]+)", result.stdout,
+                        re.S)
+    assert console, result.stdout[:3000]
+    db = sqlite3.connect(run / "coordinator" / "data" / "coordinator.db")
+    digest = "sha256:" + hashlib.sha256(console.group(2).encode()).hexdigest()
+    assert db.execute("SELECT role FROM api_tokens WHERE token_hash = ?", (digest,)).fetchall() == [("admin",)]
+    db.close()
 
     # report.json: every site's task and numbers; the hospitals (sharing the task) beat the base on held-out loss
     data = json.loads((run / "report.json").read_text())
