@@ -167,6 +167,7 @@ async def sign_in(request: Request) -> Response:
                                       "(fedtune coordinator token create).", 401)
         return await _refused(request, "console.sign_in", page, reason or "invalid_token")
     token_id = int(actor.actor_id.removeprefix("token:"))
+    settings.console.end(request.cookies.get(COOKIE))  # a session this browser had ends: one per sign-in
     cookie, _ = settings.console.create(token_id, actor.role)
     await run_in_threadpool(_audit, request, "console.sign_in", actor, outcome="success")
     response = RedirectResponse("/console", status_code=303, headers=_headers())

@@ -140,6 +140,21 @@ def test_sign_out_ends_the_session(api):
     assert [e.outcome for e in events(api, "console.sign_out")] == ["denied", "success"]
 
 
+def test_signing_in_again_ends_the_browsers_previous_session(api):
+    b, _ = signed_in(api, "operator")
+    first = b.cookies.get("fedtune_session")
+    # signed in, the form sends the browser to the console; a form opened earlier (in another tab) still posts
+    assert b.get("/console/sign-in", follow_redirects=False).headers["location"] == "/console"
+    b.cookies.set("fedtune_sign_in", "tab-nonce", domain="testserver.local", path="/console")
+    r = b.post("/console/sign-in", data={"token": api.tokens["auditor"], "nonce": "tab-nonce"},
+               follow_redirects=False)
+    assert r.status_code == 303
+    assert b.get("/console/session").json()["role"] == "auditor"
+    old = browser(api)
+    old.cookies.set("fedtune_session", first)
+    assert old.get("/api/v1/jobs").status_code == 401
+
+
 def test_revoking_the_token_ends_its_sessions(api):
     b, _ = signed_in(api, "operator")
     assert b.get("/api/v1/jobs").status_code == 200

@@ -235,7 +235,8 @@ def test_the_auditor_verifies_the_trail_then_sees_an_altered_record_fail(site):
     page.screenshot(path=str(site["screenshots"] / "console-auditor-verify.png"), full_page=True)
     unknown = site["api"].get("/audit/events?action=api.unknown&limit=50",
                               headers={"Authorization": f"Bearer {site['tokens']['auditor']}"}).json()["items"]
-    assert [(e["context"]["method"], e["context"]["path"]) for e in unknown] == []  # every request the pages made was one the API or the console knows
+    # every request the pages made was one the API or the console knows
+    assert [(e["context"]["method"], e["context"]["path"]) for e in unknown] == []
     # someone with the database's rights edits a record behind the append-only triggers
     engine = create_engine(f"sqlite:///{site['coord'] / 'data' / 'coordinator.db'}")
     try:

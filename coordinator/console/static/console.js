@@ -6,9 +6,37 @@
 "use strict";
 
 const API = "/api/v1";
-const REFRESH_MS = 3000; // a running job's page redraws itself this often
+const REFRESH_MS = 3000; // while a job runs, a page checks this often whether it changed
 let session = null;
 let refreshTimer = null;
+
+// While a job runs, the page asks one cheap question every REFRESH_MS (the jobs' statuses and rounds done:
+// one API read, one audit record) and redraws itself (several reads) only when the answer changed.
+let generation = 0; // each render starts a new one; a poll of an older one stops
+
+function watch(signature, running) {
+  if (!running) return;
+  const mine = generation;
+  const poll = async () => {
+    let now;
+    try { now = await currentSignature(); } catch (e) { return; }
+    if (mine !== generation) return;
+    if (now !== signature) render();
+    else refreshTimer = setTimeout(poll, REFRESH_MS);
+  };
+  refreshTimer = setTimeout(poll, REFRESH_MS);
+}
+
+let currentSignature = async () => "";
+
+function jobsSignature(jobs) {
+  return jobs.map((j) => `${j.id}:${j.status}:${j.rounds_done}:${j.latest_version}`).join("|");
+}
+
+function watchJobs(jobs) {
+  currentSignature = async () => jobsSignature((await api("GET", "/jobs?limit=200")).items);
+  watch(jobsSignature(jobs), jobs.some((j) => j.status === "running"));
+}
 
 class ApiError extends Error {
   constructor(status, detail) {
@@ -166,6 +194,7 @@ async function federationPage(main) {
     section("Sites", table(["Site", "Name", "Organization", "Status", "SuperNode", "Last round taken part in",
       "Epsilon spent (job budgets, lifetime)", ""], rows, { id: "sites" })),
     can("client.register") ? section("Register a site", registerForm()) : null);
+  watchJobs(jobs.items);
 }
 
 function registerForm() {
@@ -208,6 +237,7 @@ async function jobsPage(main) {
     section("All jobs", table(["Job", "Status", "Rounds", "Latest version", "Sites", "Created", "Finished"], rows,
       { id: "jobs" })),
     can("job.create") ? section("Create a job", createJobForm(jobs.items)) : null);
+  watchJobs(jobs.items);
 }
 
 function createJobForm(jobs) {
@@ -315,7 +345,8 @@ async function jobPage(main, jobId) {
       lineChart("Updates accepted and refused, by round", countSeries, { yLabel: "updates" })),
     el("p", { class: "muted" }, "The agents never send their training loss (it is not differentially private); held-out evaluation happens at the sites.")),
     section("Adapter versions", table(["Version", "Digest", "Parent", "Round", "Aggregation", "Contributors", "Promoted", "Created", "Files"], versionRows, { id: "versions" })));
-  if (job.status === "running") refreshTimer = setTimeout(render, REFRESH_MS);
+  currentSignature = async () => jobsSignature([await api("GET", `/jobs/${enc(jobId)}`)]);
+  watch(jobsSignature([job]), job.status === "running");
 }
 
 async function showLineage(button, jobId, version) {
@@ -416,6 +447,7 @@ async function auditPage(main) {
 
 async function render() {
   clearTimeout(refreshTimer);
+  generation += 1;
   const main = document.getElementById("main");
   const path = location.pathname.replace(/\/+$/, "");
   let page = "federation";
