@@ -53,7 +53,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fedtune.coordinator.api.auth import Actor, allowed, authenticate, authenticate_token_id
 from fedtune.coordinator.api.refusals import Burst, RefusalLimiter, Verdict
-from fedtune.coordinator.console.sessions import COOKIE, CSRF_HEADER, ConsoleSessions, csrf_matches
+from fedtune.coordinator.console.sessions import BACKGROUND_HEADER, COOKIE, CSRF_HEADER, ConsoleSessions, csrf_matches
 from fedtune.coordinator.rounds import CoordinatorContext
 from fedtune.coordinator.store import append_audit_event
 from fedtune.coordinator.store.engine import read_session_factory
@@ -276,7 +276,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
                                   {"WWW-Authenticate": "Bearer"})
                 return await _refuse(settings, request, response, resource_type, reason)
             if request.state.via == "console" and request.method not in SAFE_METHODS and not csrf_matches(
-                    settings.console.get(request.cookies.get(COOKIE)), request.headers.get(CSRF_HEADER)):
+                    settings.console.get(request.cookies.get(COOKIE), touch=False), request.headers.get(CSRF_HEADER)):
                 response = _error(403, f"a console request that changes something needs the session's "
                                        f"{CSRF_HEADER} header (a cross-site request cannot have it)")
                 return await _refuse(settings, request, response, resource_type, "csrf_failed")
@@ -308,7 +308,7 @@ def _authenticate(settings: ApiSettings, request: Request) -> tuple[Actor | None
     if request.state.via != "console":
         with settings.read_sessions() as s:
             return authenticate(s, header)
-    session = settings.console.get(request.cookies.get(COOKIE))
+    session = settings.console.get(request.cookies.get(COOKIE), touch=BACKGROUND_HEADER not in request.headers)
     if session is None:
         return None, "console_session_expired"
     with settings.read_sessions() as s:

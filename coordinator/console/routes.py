@@ -92,7 +92,8 @@ async def _refused(request: Request, action: str, response: Response, reason: st
     settings = request.app.state.settings
     actor = actor or Actor.anonymous()
     verdict = settings.refusals.refuse(request.client.host if request.client else None,
-                                       status=response.status_code, reason=reason, actor=actor.actor_id,
+                                       status=response.status_code, reason=reason,
+                                       actor="anonymous" if actor.actor_type == "anonymous" else actor.actor_id,
                                        method=request.method, path=request.url.path)
     if not verdict.within_limit:
         settings.requests[(action, "rate_limited")] += 1
@@ -135,7 +136,11 @@ async def _form(request: Request) -> dict[str, str]:
     body = await request.body()
     if len(body) > MAX_FORM_BYTES:
         return {}
-    return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), max_num_fields=10).items()}
+    try:
+        fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
+    except ValueError:  # more fields than a console form has: no form (refused like a forged one)
+        return {}
+    return {k: v[0] for k, v in fields.items()}
 
 
 @router.get("/sign-in")
@@ -181,7 +186,7 @@ async def sign_out(request: Request) -> Response:
     """End the session (needs its CSRF token, as a form field or the header)."""
     settings = request.app.state.settings
     form = await _form(request)
-    session, actor = _session_actor(request)
+    session, actor = await run_in_threadpool(_session_actor, request)
     if session is None:
         return RedirectResponse("/console/sign-in", status_code=303, headers=_headers())
     if not csrf_matches(session, request.headers.get(CSRF_HEADER) or form.get("csrf")):

@@ -26,6 +26,8 @@ CSRF_HEADER = "x-csrf-token"
 IDLE_S = 15 * 60.0
 MAX_AGE_S = 8 * 3600.0
 MAX_SESSIONS = 1000  # the oldest go first beyond this: sign-ins cannot grow the coordinator's memory without limit
+MAX_SESSIONS_PER_TOKEN = 5  # a token's oldest session goes first beyond this: one token cannot push out the others'
+BACKGROUND_HEADER = "x-console-background"  # a page's own polling: it does not keep an idle session alive
 
 
 @dataclass
@@ -60,13 +62,18 @@ class ConsoleSessions:
                                  last_seen=now)
         with self._lock:
             self._drop_expired(now)
+            mine = sorted((k for k, s in self._sessions.items() if s.token_id == token_id),
+                          key=lambda k: self._sessions[k].last_seen)
+            for key in mine[:max(0, len(mine) - MAX_SESSIONS_PER_TOKEN + 1)]:
+                del self._sessions[key]
             while len(self._sessions) >= MAX_SESSIONS:
                 self._sessions.pop(min(self._sessions, key=lambda k: self._sessions[k].last_seen))
             self._sessions[_key(session_id)] = session
         return session_id, session
 
-    def get(self, session_id: str | None) -> ConsoleSession | None:
-        """The live session of a cookie value (its idle clock restarts), or None."""
+    def get(self, session_id: str | None, *, touch: bool = True) -> ConsoleSession | None:
+        """The live session of a cookie value, or None. ``touch``: the request is the person's (its idle clock
+        restarts); a page's background polling passes False, so a tab left open still times out."""
         if not session_id or len(session_id) > 100:
             return None
         now = self._clock()
@@ -77,7 +84,8 @@ class ConsoleSessions:
             if session.expired(now):
                 del self._sessions[_key(session_id)]
                 return None
-            session.last_seen = now
+            if touch:
+                session.last_seen = now
             return session
 
     def end(self, session_id: str | None) -> bool:

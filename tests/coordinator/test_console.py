@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from fedtune.coordinator.api.auth import revoke_token
 from fedtune.coordinator.api.refusals import RefusalLimiter, RefusalPolicy
-from fedtune.coordinator.console.sessions import IDLE_S, MAX_AGE_S, ConsoleSessions
+from fedtune.coordinator.console.sessions import IDLE_S, MAX_AGE_S, MAX_SESSIONS_PER_TOKEN, ConsoleSessions
 from fedtune.coordinator.store import AuditEvent, Client
 from fedtune_testing.api import MATRIX, ROLES
 
@@ -182,6 +182,39 @@ def test_sessions_expire_when_idle_and_after_their_maximum_age():
         alive = sessions.get(cookie)
     assert alive is None  # kept busy, it still ends at its maximum age
     assert sessions.get("x" * 1000) is None and sessions.get(None) is None
+
+
+def test_a_pages_background_polling_does_not_keep_an_idle_session_alive(api):
+    now = [0.0]
+    api.app.state.settings.console = ConsoleSessions(clock=lambda: now[0])
+    b, _ = signed_in(api, "operator")
+    for _ in range(3):  # a tab left open on a running job: it polls, nobody uses it
+        now[0] += IDLE_S / 3
+        assert b.get("/api/v1/jobs", headers={"X-Console-Background": "1"}).status_code == 200
+    now[0] += 1
+    assert b.get("/api/v1/jobs", headers={"X-Console-Background": "1"}).status_code == 401
+    c, _ = signed_in(api, "operator")  # a person's own requests do keep it alive
+    for _ in range(4):
+        now[0] += IDLE_S / 2
+        assert c.get("/api/v1/jobs").status_code == 200
+
+
+def test_one_tokens_sign_ins_push_out_only_its_own_oldest_sessions(api):
+    other, _ = signed_in(api, "auditor")
+    first, _ = signed_in(api, "operator")
+    for _ in range(MAX_SESSIONS_PER_TOKEN):
+        signed_in(api, "operator")
+    assert first.get("/api/v1/jobs").status_code == 401  # the operator token's oldest session went
+    assert other.get("/api/v1/jobs").status_code == 200
+
+
+def test_a_form_with_too_many_fields_is_refused_not_a_crash(api):
+    b = browser(api)
+    nonce = NONCE.search(b.get("/console/sign-in").text).group(1)
+    fields = {"token": api.tokens["admin"], "nonce": nonce, **{f"x{i}": "y" for i in range(20)}}
+    r = b.post("/console/sign-in", data=fields, follow_redirects=False)
+    assert r.status_code == 403 and "fedtune_session=" not in r.headers.get("set-cookie", "")
+    assert [e.reason_code for e in events(api, "console.sign_in")] == ["csrf_failed"]
 
 
 def test_pages_need_a_session_and_only_known_files_are_served(api):

@@ -19,8 +19,9 @@ function watch(signature, running) {
   const mine = generation;
   const poll = async () => {
     let now;
-    try { now = await currentSignature(); } catch (e) { return; }
+    try { now = await currentSignature(); } catch (e) { now = null; } // a blip: ask again next time
     if (mine !== generation) return;
+    if (now === null) { refreshTimer = setTimeout(poll, REFRESH_MS * 2); return; }
     if (now !== signature) render();
     else refreshTimer = setTimeout(poll, REFRESH_MS);
   };
@@ -34,7 +35,7 @@ function jobsSignature(jobs) {
 }
 
 function watchJobs(jobs) {
-  currentSignature = async () => jobsSignature((await api("GET", "/jobs?limit=200")).items);
+  currentSignature = async () => jobsSignature((await api("GET", "/jobs?limit=200", undefined, { background: true })).items);
   watch(jobsSignature(jobs), jobs.some((j) => j.status === "running"));
 }
 
@@ -109,8 +110,9 @@ function table(headers, rows, attrs = {}) {
 
 // ---- the API --------------------------------------------------------------------------------
 
-async function api(method, path, body, { raw = false } = {}) {
+async function api(method, path, body, { raw = false, background = false } = {}) {
   const headers = { Accept: "application/json" };
+  if (background) headers["X-Console-Background"] = "1"; // polling: does not keep an idle session alive
   if (method !== "GET") headers["X-CSRF-Token"] = session.csrf;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(API + path, {
@@ -345,7 +347,7 @@ async function jobPage(main, jobId) {
       lineChart("Updates accepted and refused, by round", countSeries, { yLabel: "updates" })),
     el("p", { class: "muted" }, "The agents never send their training loss (it is not differentially private); held-out evaluation happens at the sites.")),
     section("Adapter versions", table(["Version", "Digest", "Parent", "Round", "Aggregation", "Contributors", "Promoted", "Created", "Files"], versionRows, { id: "versions" })));
-  currentSignature = async () => jobsSignature([await api("GET", `/jobs/${enc(jobId)}`)]);
+  currentSignature = async () => jobsSignature([await api("GET", `/jobs/${enc(jobId)}`, undefined, { background: true })]);
   watch(jobsSignature([job]), job.status === "running");
 }
 
@@ -448,7 +450,9 @@ async function auditPage(main) {
 async function render() {
   clearTimeout(refreshTimer);
   generation += 1;
+  const mine = generation;
   const main = document.getElementById("main");
+  const view = document.createElement("div"); // drawn aside, shown only if no newer render started meanwhile
   const path = location.pathname.replace(/\/+$/, "");
   let page = "federation";
   if (path === "/console/jobs") page = "jobs";
@@ -456,16 +460,18 @@ async function render() {
   else if (path === "/console/audit") page = "audit";
   for (const link of document.querySelectorAll("nav a")) link.classList.toggle("current", link.dataset.page === (page === "job" ? "jobs" : page));
   try {
-    if (page === "jobs") await jobsPage(main);
-    else if (page === "job") await jobPage(main, decodeURIComponent(path.slice("/console/jobs/".length)));
+    if (page === "jobs") await jobsPage(view);
+    else if (page === "job") await jobPage(view, decodeURIComponent(path.slice("/console/jobs/".length)));
     else if (page === "audit") {
-      if (!can("audit.query")) fill(main, el("h1", {}, "Audit trail"), el("p", { class: "error" }, `The ${session.role} role may not read the audit trail (auditors and admins may).`));
-      else await auditPage(main);
-    } else await federationPage(main);
-    document.body.dataset.rendered = String(Date.now());
+      if (!can("audit.query")) fill(view, el("h1", {}, "Audit trail"), el("p", { class: "error" }, `The ${session.role} role may not read the audit trail (auditors and admins may).`));
+      else await auditPage(view);
+    } else await federationPage(view);
   } catch (e) {
-    fill(main, el("p", { class: "error" }, `Could not load this page: ${e.detail || e.message}`));
+    fill(view, el("p", { class: "error" }, `Could not load this page: ${e.detail || e.message}`));
   }
+  if (mine !== generation) return;
+  main.replaceChildren(...view.childNodes);
+  document.body.dataset.rendered = String(Date.now());
 }
 
 async function signOut() {
