@@ -224,14 +224,18 @@ def static(name: str) -> Response:
 
 @router.get("")
 @router.get("/{page:path}")
-def shell(request: Request, page: str = "") -> Response:
-    """The page shell for every console page; the script fills it from the API."""
+async def shell(request: Request, page: str = "") -> Response:
+    """The page shell for every console page; the script fills it from the API. Without a session, the sign-in
+    form; a session cookie that opens nothing (ended, revoked, made up) is a refusal, audited and counted."""
     path = "/" + page if page else ""
     known = path in PAGES or (path.startswith("/jobs/") and path.count("/") == 2 and len(path) <= 80)
     if not known:
         return HTMLResponse("<!doctype html><title>not found</title><p>No such console page.</p>", status_code=404,
                             headers=_headers())
-    session, _ = _session_actor(request)
+    session, _ = await run_in_threadpool(_session_actor, request)
     if session is None:
-        return RedirectResponse("/console/sign-in", status_code=303, headers=_headers())
+        to_sign_in = RedirectResponse("/console/sign-in", status_code=303, headers=_headers())
+        if COOKIE in request.cookies:
+            return await _refused(request, "console.session", to_sign_in, "console_session_expired")
+        return to_sign_in
     return HTMLResponse(_static("console.html"), headers=_headers())

@@ -138,6 +138,12 @@ def test_sign_out_ends_the_session(api):
     assert replay.get("/console", follow_redirects=False).headers["location"] == "/console/sign-in"
     assert replay.get("/console/session").status_code == 401
     assert [e.outcome for e in events(api, "console.sign_out")] == ["denied", "success"]
+    # each try of the dead cookie is a refusal on record (the page shell's redirect too); no cookie, no record
+    assert [(e.outcome, e.reason_code, e.context["path"]) for e in events(api, "console.session")
+            if e.outcome == "denied"] == [("denied", "console_session_expired", "/console"),
+                                          ("denied", "console_session_expired", "/console/session")]
+    assert browser(api).get("/console", follow_redirects=False).status_code == 303
+    assert len([e for e in events(api, "console.session") if e.outcome == "denied"]) == 2
 
 
 def test_signing_in_again_ends_the_browsers_previous_session(api):
