@@ -51,7 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fedtune.coordinator.api.auth import Actor, allowed, authenticate, authenticate_token_id
+from fedtune.coordinator.api.auth import Actor, allowed, authenticate
 from fedtune.coordinator.api.refusals import Burst, RefusalLimiter, Verdict
 from fedtune.coordinator.console.sessions import BACKGROUND_HEADER, COOKIE, CSRF_HEADER, ConsoleSessions, csrf_matches
 from fedtune.coordinator.rounds import CoordinatorContext
@@ -276,7 +276,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
                                   {"WWW-Authenticate": "Bearer"})
                 return await _refuse(settings, request, response, resource_type, reason)
             if request.state.via == "console" and request.method not in SAFE_METHODS and not csrf_matches(
-                    settings.console.get(request.cookies.get(COOKIE), touch=False), request.headers.get(CSRF_HEADER)):
+                    request.state.console_session, request.headers.get(CSRF_HEADER)):
                 response = _error(403, f"a console request that changes something needs the session's "
                                        f"{CSRF_HEADER} header (a cross-site request cannot have it)")
                 return await _refuse(settings, request, response, resource_type, "csrf_failed")
@@ -308,13 +308,9 @@ def _authenticate(settings: ApiSettings, request: Request) -> tuple[Actor | None
     if request.state.via != "console":
         with settings.read_sessions() as s:
             return authenticate(s, header)
-    session = settings.console.get(request.cookies.get(COOKIE), touch=BACKGROUND_HEADER not in request.headers)
-    if session is None:
-        return None, "console_session_expired"
-    with settings.read_sessions() as s:
-        actor, reason = authenticate_token_id(s, session.token_id)
-    if actor is None:
-        settings.console.end_token(session.token_id)
+    session, actor, reason = settings.console.signed_in(request.cookies.get(COOKIE), settings.read_sessions,
+                                                        touch=BACKGROUND_HEADER not in request.headers)
+    request.state.console_session = session  # its CSRF token is checked next, for a change
     return actor, reason
 
 

@@ -34,7 +34,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from fedtune.coordinator.api.auth import PERMISSIONS, Actor, allowed, authenticate, authenticate_token_id
+from fedtune.coordinator.api.auth import PERMISSIONS, Actor, allowed, authenticate
 from fedtune.coordinator.console.sessions import (
     COOKIE,
     CSRF_HEADER,
@@ -109,14 +109,7 @@ async def _refused(request: Request, action: str, response: Response, reason: st
 def _session_actor(request: Request) -> tuple[Any, Actor | None]:
     """The request's live console session and its actor (None, None without one)."""
     settings = request.app.state.settings
-    session = settings.console.get(request.cookies.get(COOKIE))
-    if session is None:
-        return None, None
-    with settings.read_sessions() as s:
-        actor, _ = authenticate_token_id(s, session.token_id)
-    if actor is None:
-        settings.console.end_token(session.token_id)
-        return None, None
+    session, actor, _ = settings.console.signed_in(request.cookies.get(COOKIE), settings.read_sessions)
     return session, actor
 
 

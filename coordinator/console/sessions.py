@@ -7,7 +7,7 @@ cookie. Each session has its own CSRF token, which the page reads from ``/consol
 same-origin read no other site can make) and sends as ``X-CSRF-Token`` with every change.
 
 A session ends at sign-out, after :data:`IDLE_S` without a request, :data:`MAX_AGE_S` after sign-in,
-or as soon as its token is revoked (checked on every request: ``api.auth.authenticate_token_id``).
+or as soon as its token is revoked (checked on every request: :meth:`ConsoleSessions.signed_in`).
 Sessions live in the coordinator's memory: a restart signs everyone out, which for a console of a
 few operators is the safe side.
 """
@@ -19,6 +19,10 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the admin API imports this module: its auth is imported where it is used
+    from fedtune.coordinator.api.auth import Actor
 
 COOKIE = "fedtune_session"
 SIGN_IN_COOKIE = "fedtune_sign_in"  # the sign-in form's own CSRF nonce (double submit), before any session
@@ -87,6 +91,23 @@ class ConsoleSessions:
             if touch:
                 session.last_seen = now
             return session
+
+    def signed_in(self, session_id: str | None, read_sessions, *, touch: bool = True) -> tuple[
+            ConsoleSession | None, Actor | None, str | None]:
+        """(session, actor, None) for a cookie whose session is live and whose token is still valid (checked in
+        the store through ``read_sessions``, so a revoked token ends its sessions at once); else (None, None,
+        reason)."""
+        from fedtune.coordinator.api.auth import authenticate_token_id
+
+        session = self.get(session_id, touch=touch)
+        if session is None:
+            return None, None, "console_session_expired"
+        with read_sessions() as s:
+            actor, reason = authenticate_token_id(s, session.token_id)
+        if actor is None:
+            self.end_token(session.token_id)
+            return None, None, reason
+        return session, actor, None
 
     def end(self, session_id: str | None) -> bool:
         """Sign a session out; True if it was live."""
