@@ -17,7 +17,10 @@
 2. Bytes uploaded per client per round: measured on the wire (the ArrayRecords of each accepted
    reply, as the ServerApp counts them) for both jobs; the safetensors size of the same adapter, and
    of the adapter on the larger ``small`` preset, next to the base checkpoint (int4 and float).
-3. Base kept loaded (the agent daemon) vs reloaded per message (what a plain ``flwr-clientapp``
+3. CPU seconds per round by process (Linux ``/proc``, sampled every 0.25 s over each job's run: the
+   SuperLink, the 3 SuperNodes, the ServerApp, the 3 agent daemons): what the host spends besides
+   training, which on a host shared by all of them is what lengthens the round.
+4. Base kept loaded (the agent daemon) vs reloaded per message (what a plain ``flwr-clientapp``
    holding the model would pay): a fresh Python process timed through importing torch + fedtune,
    ``load_pretrained`` of the int4 base and its digest, next to one DP-LoRA training call.
 """
@@ -26,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -73,28 +78,93 @@ def job_config(job: str, rounds: int) -> dict:
 # 1 + 2a: rounds on Flower
 
 
-def flower_rounds(root: Path, base: Path, rounds: int) -> list[dict]:
-    """Run each job on one federation; returns the ServerApp's round metrics, tagged with the job."""
+ROLES = {"flower-superlink": "SuperLink", "flower_node": "SuperNodes", "flwr-serverapp": "ServerApp",
+         "flower-superexec": "SuperExec", "client_agent.daemon": "agent daemons"}
+
+
+class CpuSampler(threading.Thread):
+    """CPU seconds (user + system) of this process's descendants, summed by role (:data:`ROLES`), read from
+    ``/proc`` every ``interval_s``; a process that exits keeps its last reading (under ``interval_s`` of its
+    CPU is lost: the ServerApp's last moments). Off Linux it records nothing."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        super().__init__(name="cpu-sampler", daemon=True)
+        self.interval_s = interval_s
+        self.seen: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds at its last reading)
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        parent: dict[int, int] = {}
+        stats: dict[int, list[str]] = {}
+        for entry in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = entry.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            pid = int(entry.parent.name)
+            parent[pid], stats[pid] = int(fields[1]), fields
+        me = os.getpid()
+        for pid, fields in stats.items():
+            p, hops = parent.get(pid), 0
+            while p not in (None, 0, me) and hops < 32:
+                p, hops = parent.get(p), hops + 1
+            if p != me:
+                continue
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            role = next((r for key, r in ROLES.items() if key in cmdline), None)
+            if role is not None:  # fields[11], [12]: utime, stime in clock ticks (proc(5), after the name)
+                with self.lock:
+                    self.seen[pid] = (role, (int(fields[11]) + int(fields[12])) / self.tick)
+
+    def totals(self) -> dict[str, float]:
+        self.sample()
+        out: dict[str, float] = {}
+        with self.lock:
+            for role, seconds in self.seen.values():
+                out[role] = out.get(role, 0.0) + seconds
+        return out
+
+
+def flower_rounds(root: Path, base: Path, rounds: int) -> tuple[list[dict], dict[str, dict[str, float]]]:
+    """Run each job on one federation; returns the ServerApp's round metrics, tagged with the job, and each
+    job's CPU seconds per round by process role."""
     fed = Federation(root, base)
     rows = []
+    cpu: dict[str, dict[str, float]] = {}
+    sampler = CpuSampler()
+    sampler.start()
     try:
         for job in JOBS:
             fed.register(job, job_config(job, rounds))
         fed.start()
         for job in JOBS:
             seen = len(fed.metrics_file.read_text().splitlines()) if fed.metrics_file.exists() else 0
+            before = sampler.totals()
             t = time.perf_counter()
             run_id = fed.start_run(job)
             status = fed.wait(run_id, timeout_s=900)
             if status != "finished:completed":
                 raise RuntimeError(f"job {job}: Flower run {status}\n{fed.logs()}")
             run_s = time.perf_counter() - t
+            after = sampler.totals()
+            cpu[job] = {role: (after[role] - before.get(role, 0.0)) / rounds for role in after}
+            cpu[job]["run wall"] = run_s / rounds
             info = run_info(run_id, flwr_home=fed.flwr_home, connection=CONNECTION, cwd=fed.root)
             for line in fed.metrics_file.read_text().splitlines()[seen:]:
                 rows.append({**json.loads(line), "job": job, "run_s": run_s, "flower_run": info})
     finally:
+        sampler.stopped.set()
         fed.stop()
-    return rows
+    return rows, cpu
 
 
 def round_split(row: dict) -> dict[str, float]:
@@ -175,7 +245,7 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
 
 def report(rounds: list[dict], sizes: dict[str, dict[str, int]], reload: dict[str, dict[str, float]],
-           train: dict[str, float]) -> str:
+           train: dict[str, float], cpu: dict[str, dict[str, float]]) -> str:
     out = []
     split_rows = []
     for r in rounds:
@@ -195,6 +265,13 @@ def report(rounds: list[dict], sizes: dict[str, dict[str, int]], reload: dict[st
             share = statistics.median(s["flower"] / s["wall"] for s in splits)
             out.append(f"{job}: Flower transport + processes, median over {len(splits)} rounds: {flower:.2f} s per "
                        f"round, {100 * share:.0f}% of the round (target <= 3 s and <= 25%)")
+    roles = [r for r in [*ROLES.values(), "run wall"] if any(r in c for c in cpu.values())]
+    if cpu:
+        cores = os.cpu_count() or 1
+        out.append(table(f"CPU seconds per round by process, over each job's whole run (round 1's discovery and the "
+                         f"run's start and end included; {cores} cores here)", ["job", *roles, "all processes"],
+                         [[job, *[f"{c.get(r, 0.0):.2f}" for r in roles],
+                           f"{sum(v for k, v in c.items() if k != 'run wall'):.2f}"] for job, c in cpu.items()]))
     runs = {r["job"]: r for r in rounds}
     out.append("flwr run -> finished: " + ", ".join(f"{job} {r['run_s']:.1f} s" for job, r in runs.items()))
 
@@ -250,11 +327,11 @@ def main() -> None:
         sizes = {p: adapter_bytes(b) for p, b in bases.items()}
         reload = {p: reload_cost(b) for p, b in bases.items()}
         train = {p: train_once(b) for p, b in bases.items()}
-        rounds = flower_rounds(root / "federation", bases["tiny"], args.rounds)
-    print(report(rounds, sizes, reload, train))
+        rounds, cpu = flower_rounds(root / "federation", bases["tiny"], args.rounds)
+    print(report(rounds, sizes, reload, train, cpu))
     if args.json:
-        args.json.write_text(json.dumps({"rounds": rounds, "sizes": sizes, "reload": reload, "train": train},
-                                        indent=2))
+        args.json.write_text(json.dumps({"rounds": rounds, "sizes": sizes, "reload": reload, "train": train,
+                                         "cpu_per_round": cpu}, indent=2))
 
 
 if __name__ == "__main__":
