@@ -141,8 +141,8 @@ def write_replies(directory: Path, adapter: dict[str, torch.Tensor], n: int, *, 
             tensors = {name: t + 1e-3 * torch.randn(t.shape, generator=generator) for name, t in adapter.items()}
             records = client_records(i, skewed)
             for instruction, out in zip(instructions, outs, strict=True):
-                reply = sign_train_reply(instruction, client_id=client_id(i), tensors=tensors, loss=2.0,
-                                         records=records, epsilon=1.0, delta=1e-5, sample_rate=BATCH_SIZE / records,
+                reply = sign_train_reply(instruction, client_id=client_id(i), tensors=tensors, records=records,
+                                         epsilon=1.0, delta=1e-5, sample_rate=BATCH_SIZE / records,
                                          noise_multiplier=1.0, steps=10, accountant="rdp", private_key=key)
                 data = recorddict_to_proto(reply_to_record_dict(reply)).SerializeToString()
                 out.write(struct.pack(">Q", len(data)))

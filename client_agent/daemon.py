@@ -21,7 +21,7 @@ pass the lifetime budget), train with :func:`~fedtune.client_agent.training.trai
 sign. What leaves: the adapter tensors (B only in FFA), and signed: records count, epsilon/delta,
 the round's mechanism (q, sigma, steps, accountant) and every earlier attempt of this job.
 The per-step loss curve is computed from the raw records without DP, so it never leaves the
-agent: the reply's loss metric is always 0.0 (held-out evaluation belongs to the coordinator).
+agent (held-out evaluation belongs to the coordinator).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import secrets
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -45,12 +45,12 @@ from typing import Any
 import torch
 
 from fedtune.client_agent.data import Record, data_digest, load_records
-from fedtune.client_agent.flower_app import recorddict_from_bytes, recorddict_to_bytes
 from fedtune.client_agent.ledger import LEDGER_FILE, BudgetExceeded, PlannedRun, PrivacyLedger
 from fedtune.client_agent.privacy import JobBudgetExhausted, PrivacyConfig, plan_job_round
 from fedtune.client_agent.training import TrainConfig, train_dp_lora
 from fedtune.compliance.signing import load_private_key
 from fedtune.compliance.wire import (
+    METRIC_TRAIN_SECONDS,
     PROTOCOL_VERSION,
     ProtocolVersionError,
     Refusal,
@@ -59,6 +59,8 @@ from fedtune.compliance.wire import (
     TrainReply,
     WireError,
     instruction_from_record_dict,
+    recorddict_from_bytes,
+    recorddict_to_bytes,
     reply_to_record_dict,
     sign_refusal,
     sign_train_reply,
@@ -86,13 +88,6 @@ class AgentSettings:
     device: str = "cpu"
 
 
-@dataclass
-class TrainTiming:
-    """Seconds spent in the last train call, for the benchmark."""
-
-    values: dict[str, float] = field(default_factory=dict)
-
-
 class Agent:
     """The state kept across rounds and the train logic (no HTTP here: tests call :meth:`train`)."""
 
@@ -115,7 +110,6 @@ class Agent:
         if settings.budget_epsilon is not None:
             self.ledger.set_budget(settings.dataset_id, settings.budget_epsilon, settings.budget_delta or 1e-5)
         self._lock = threading.Lock()  # one training run at a time on this base
-        self.last_timing = TrainTiming()
 
     def hello(self) -> dict[str, Any]:
         return {"client_id": self.settings.client_id, "protocol_version": PROTOCOL_VERSION,
@@ -177,19 +171,18 @@ class Agent:
             return self._refuse(ins, RefusalReason.INTERNAL_ERROR, f"training failed: {type(e).__name__}")
         train_s = time.perf_counter() - t
         self.ledger.settle(run_id, report.epsilon, report.steps)
-        loss = 0.0  # the training loss is not differentially private: it stays on the agent
-        reply = sign_train_reply(ins, client_id=self.settings.client_id, tensors=state, loss=loss,
+        reply = sign_train_reply(ins, client_id=self.settings.client_id, tensors=state,
                                  records=len(self.records), epsilon=report.epsilon, delta=report.delta,
                                  sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier,
                                  steps=plan.steps, accountant=plan.accountant, attempts=earlier,
                                  private_key=self.key)
-        self.last_timing = TrainTiming({"train_s": train_s})
         # For the benchmark (unsigned; nothing privacy-relevant): the agent's whole time on the round, from the
         # instruction read to the reply signed (planning the noise, the ledger, training, signing), so that what
         # the round spends outside it is transport.
         log.info("job %s round %d: %.3f s at the agent, of which training %.3f s", ins.job_id, ins.round,
                  time.perf_counter() - started, train_s)
-        return dataclasses.replace(reply, metrics={**reply.metrics, "train_seconds": time.perf_counter() - started})
+        agent_s = time.perf_counter() - started
+        return dataclasses.replace(reply, metrics={**reply.metrics, METRIC_TRAIN_SECONDS: agent_s})
 
     def train_bytes(self, body: bytes) -> bytes:
         """The HTTP call: RecordDict bytes in, RecordDict bytes out.
@@ -227,19 +220,22 @@ def _handler(agent: Agent, token: str) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def do_GET(self) -> None:
+        def _accepts(self, path: str) -> bool:
+            """An authorized request for ``path``; anything else is answered here (401 / 404)."""
             if not self._authorized():
-                return
-            if self.path != "/v1/hello":
+                return False
+            if self.path != path:
                 self._send(HTTPStatus.NOT_FOUND, b'{"error": "not found"}', "application/json")
+                return False
+            return True
+
+        def do_GET(self) -> None:
+            if not self._accepts("/v1/hello"):
                 return
             self._send(HTTPStatus.OK, json.dumps(agent.hello()).encode(), "application/json")
 
         def do_POST(self) -> None:
-            if not self._authorized():
-                return
-            if self.path != "/v1/train":
-                self._send(HTTPStatus.NOT_FOUND, b'{"error": "not found"}', "application/json")
+            if not self._accepts("/v1/train"):
                 return
             length = int(self.headers.get("Content-Length", "0"))
             if not 0 < length <= MAX_BODY_BYTES:

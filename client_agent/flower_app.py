@@ -4,7 +4,8 @@ It runs warm in the SuperNode's process (``flower_node.py``; Flower's own execut
 ``flwr-clientapp`` process per message, which works too) and holds nothing: it reads
 the daemon's endpoint file named by the SuperNode's ``agent-endpoint`` node-config value, forwards
 the message content as Flower protobuf bytes, and turns the daemon's answer into the reply. It
-imports neither torch nor the model (a per-message process should start fast).
+imports neither torch nor the model (a per-message process should start fast): the keys and the
+protobuf hop come from ``fedtune.compliance.wire``, which loads torch only when tensors are read.
 
 Messages: ``query`` with config ``fedtune.hello`` -> ``{"client_id", "protocol_version",
 "base_digest"}``; ``train`` -> the daemon's signed TrainReply or Refusal.
@@ -21,28 +22,12 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-HELLO_KEY = "fedtune.hello"
+from fedtune.compliance.wire import HELLO_KEY, recorddict_from_bytes, recorddict_to_bytes
+
 ENDPOINT_CONFIG_KEY = "agent-endpoint"
 DEFAULT_TRAIN_TIMEOUT_S = 3600.0
 
 app = ClientApp()
-
-
-def recorddict_to_bytes(content: RecordDict) -> bytes:
-    """A Flower RecordDict as Flower's own protobuf bytes (no pickle)."""
-    from flwr.common.serde import recorddict_to_proto
-
-    return recorddict_to_proto(content).SerializeToString()
-
-
-def recorddict_from_bytes(data: bytes) -> RecordDict:
-    """The inverse of :func:`recorddict_to_bytes`."""
-    from flwr.common.serde import recorddict_from_proto
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-
-    proto = ProtoRecordDict()
-    proto.ParseFromString(data)
-    return recorddict_from_proto(proto)
 
 
 class AgentUnavailable(RuntimeError):

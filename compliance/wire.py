@@ -1,30 +1,43 @@
-"""The wire protocol between coordinator and client agents, version 2.
+"""The wire protocol between coordinator and client agents, version 3.
 
 One module, imported by both sides (neither imports the other): the messages, the canonical
-tensor digest, the signed receipt, and their mapping onto Flower's ``RecordDict``.
+tensor digest, the signed receipt, every Flower record key and metric name both sides use, and
+their mapping onto Flower's ``RecordDict``.
 
 Messages
+  * discovery (coordinator -> agent, a Flower ``query``): a ``ConfigRecord`` under :data:`HELLO_KEY`;
+    the agent answers under the same key with ``{client_id, protocol_version, base_digest}``. Not
+    signed: the coordinator binds a node to a client by the store's registrations, not by this claim.
   * :class:`TrainInstruction` (coordinator -> agent): adapter tensors, job id, round, a fresh
-    32-byte nonce, the base-model digest and the job's training config (a JSON-able dict).
+    32-byte nonce, the base-model digest and the job's training config (a JSON-able dict). Not
+    signed (the coordinator's TLS and the SuperNode's node authentication carry it); the nonce,
+    round and base digest come back bound inside the receipt.
   * :class:`TrainReply` (agent -> coordinator): the trained adapter tensors (B only in FFA
-    mode), metrics ``{loss, records}`` and a :class:`Receipt` signed with the agent's Ed25519 key.
+    mode), metrics (:data:`REPLY_METRICS`) and a :class:`Receipt` signed with the agent's Ed25519 key.
     The receipt signs what the round spent: (epsilon, delta), the DP-SGD mechanism (sample rate,
     noise multiplier, steps, accountant) and the record count (the aggregation weight), plus every
     earlier attempt of this client on this job (:class:`Attempt`, from the agent's ledger), so that
     a round lost to a crash is reported, signed, by the next reply: the coordinator's privacy
-    ledger is built from signed values only and never undercounts.
+    ledger is built from signed values only and never undercounts. The tensors are signed through
+    their digest. The metrics are NOT signed: ``records`` must equal the signed count (the
+    coordinator refuses a reply where they differ) and ``train_seconds`` is for the benchmarks only;
+    nothing privacy-relevant or weight-bearing is read from them.
   * :class:`Refusal` (agent -> coordinator): the agent did not train, with a reason code; signed
     the same way, so a recorded refusal is attributable.
 
 Tensors cross the wire as safetensors bytes (never pickle). ``tensors_digest`` hashes the
 tensors themselves (sorted names, dtype, shape, raw little-endian bytes), not the file bytes,
-so both sides agree whatever safetensors writer produced the file.
+so both sides agree whatever safetensors writer produced the file. Between the agent's ClientApp
+and its daemon a ``RecordDict`` travels as Flower's own protobuf bytes
+(:func:`recorddict_to_bytes`).
 
 Signed bytes are a domain-separated, length-prefixed binary encoding (see
 :meth:`Receipt.signed_bytes`): no JSON float formatting, no ambiguity between fields.
 
-Versions: 1 signed (epsilon, delta, records) only; its (q, sigma, steps) travelled unsigned. A peer
-of another version is refused with :class:`ProtocolVersionError` naming both versions.
+Versions: 1 signed (epsilon, delta, records) only; its (q, sigma, steps) travelled unsigned. 2 signed
+the mechanism and the earlier attempts, and carried a ``loss`` metric that was always 0.0 (the
+training loss is not differentially private, so it never left the agent). 3 drops that metric. A
+peer of another version is refused with :class:`ProtocolVersionError` naming both versions.
 """
 
 from __future__ import annotations
@@ -39,17 +52,26 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-import safetensors.torch
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedtune.compliance.signing import sign_message, verify_signature
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and flwr load when a function needs them: the ClientApp imports this module too
+    import torch
     from flwr.app import RecordDict
 
-PROTOCOL_VERSION = 2
+    Tensors = Mapping[str, torch.Tensor]
+
+PROTOCOL_VERSION = 3
 NONCE_BYTES = 32
+
+# Discovery: the ConfigRecord key of the coordinator's query and of the agent's answer.
+HELLO_KEY = "fedtune.hello"
+# A train reply's unsigned metrics: the record count (must equal the signed one) and the agent's whole
+# time on the round in seconds (the round benchmark's split; optional).
+METRIC_RECORDS = "records"
+METRIC_TRAIN_SECONDS = "train_seconds"
+REPLY_METRICS = frozenset({METRIC_RECORDS, METRIC_TRAIN_SECONDS})
 
 # RecordDict keys and the stype of the single Array holding the safetensors bytes.
 ADAPTER_KEY = "fedtune.adapter"
@@ -65,14 +87,12 @@ _TENSORS_DOMAIN = b"fedtune.tensors\x00"
 ACCOUNTANTS = ("rdp", "prv")
 MAX_ATTEMPTS = 10_000  # earlier attempts one receipt may carry (a job's rounds and their retries)
 
-# The safetensors names of the dtypes an adapter may carry; the digest hashes these names.
-_DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
+# The safetensors names of the dtypes an adapter may carry (by torch's name); the digest hashes these names.
+_DTYPE_NAMES: dict[str, str] = {
+    "torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
+    "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8", "torch.uint8": "U8",
+    "torch.bool": "BOOL",
 }
-
-Tensors = Mapping[str, torch.Tensor]
 
 
 class WireError(ValueError):
@@ -106,7 +126,7 @@ def new_nonce() -> bytes:
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors name of ``dtype`` (``F32``, ``BF16``, ...)."""
     try:
-        return _DTYPE_NAMES[dtype]
+        return _DTYPE_NAMES[str(dtype)]
     except KeyError:
         raise WireError(f"dtype {dtype} cannot cross the wire; use one of {sorted(_DTYPE_NAMES.values())}") from None
 
@@ -121,6 +141,8 @@ def tensors_digest(tensors: Tensors) -> str:
     Raises:
         WireError: a dtype outside the supported set.
     """
+    import torch
+
     if sys.byteorder != "little":  # raw bytes are defined little-endian, as in safetensors
         raise RuntimeError("tensors_digest is defined on little-endian hosts only")
     h = hashlib.sha256(_TENSORS_DOMAIN)
@@ -144,6 +166,8 @@ def _hash_field(h: Any, data: bytes) -> None:
 
 def encode_tensors(tensors: Tensors) -> bytes:
     """The tensors as safetensors bytes (contiguous CPU copies; no pickle)."""
+    import safetensors.torch
+
     for t in tensors.values():
         dtype_name(t.dtype)
     return safetensors.torch.save({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()})
@@ -155,6 +179,8 @@ def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
     Raises:
         WireError: the bytes are not a valid safetensors file or hold an unsupported dtype.
     """
+    import safetensors.torch
+
     if not isinstance(data, bytes | bytearray):
         raise WireError(f"tensors must be safetensors bytes, got {type(data).__name__}")
     try:
@@ -255,8 +281,25 @@ class Attempt:
                    accountant=data["accountant"], delta=float(data["delta"]))
 
 
+class _Signed:
+    """What an agent signs (:class:`Receipt`, :class:`Refusal`): ``signed_bytes()`` and its ``signature``."""
+
+    signature: bytes
+
+    def signed_bytes(self) -> bytes:
+        raise NotImplementedError
+
+    def verify(self, public_key: Ed25519PublicKey) -> bool:
+        """True exactly when the signature is ``public_key``'s over :meth:`signed_bytes`."""
+        try:
+            message = self.signed_bytes()
+        except (WireError, struct.error):
+            return False
+        return verify_signature(public_key, message, self.signature)
+
+
 @dataclass(frozen=True)
-class Receipt:
+class Receipt(_Signed):
     """What an agent signs for one round's update.
 
     ``records`` (the aggregation weight the agent claims) is signed too, so a weight cannot be
@@ -314,14 +357,6 @@ class Receipt:
             *(a.signed_bytes() for a in self.attempts),
         ])
 
-    def verify(self, public_key: Ed25519PublicKey) -> bool:
-        """True exactly when the signature is ``public_key``'s over :meth:`signed_bytes`."""
-        try:
-            message = self.signed_bytes()
-        except (WireError, struct.error):
-            return False
-        return verify_signature(public_key, message, self.signature)
-
     @property
     def attempt(self) -> Attempt:
         """This round's own attempt, in the form earlier ones are reported."""
@@ -356,7 +391,7 @@ class TrainReply:
 
 
 @dataclass(frozen=True)
-class Refusal:
+class Refusal(_Signed):
     """Agent -> coordinator: the agent did not train this round, and why."""
 
     job_id: str
@@ -382,21 +417,12 @@ class Refusal:
             _pack_str(self.message),
         ])
 
-    def verify(self, public_key: Ed25519PublicKey) -> bool:
-        """True exactly when the signature is ``public_key``'s over :meth:`signed_bytes`."""
-        try:
-            message = self.signed_bytes()
-        except (WireError, struct.error):
-            return False
-        return verify_signature(public_key, message, self.signature)
-
 
 def sign_train_reply(
     instruction: TrainInstruction,
     *,
     client_id: str,
     tensors: Tensors,
-    loss: float,
     records: int,
     epsilon: float,
     delta: float,
@@ -413,7 +439,6 @@ def sign_train_reply(
         instruction: the message being answered; its job, round, nonce and base digest are bound.
         client_id: this agent's registered id.
         tensors: the adapter tensors to send (B only in FFA mode).
-        loss: mean training loss of the round (a metric, not signed).
         records: number of local records trained on (the aggregation weight; signed).
         epsilon, delta: privacy spent by this round's training (signed).
         sample_rate, noise_multiplier, steps, accountant: the DP-SGD mechanism the round ran (signed:
@@ -430,7 +455,7 @@ def sign_train_reply(
         attempts=tuple(attempts),
     )
     receipt = _replace_signature(receipt, sign_message(private_key, receipt.signed_bytes()))
-    return TrainReply(tensors=tensors, metrics={"loss": float(loss), "records": int(records)}, receipt=receipt)
+    return TrainReply(tensors=tensors, metrics={METRIC_RECORDS: int(records)}, receipt=receipt)
 
 
 def sign_refusal(
@@ -454,6 +479,23 @@ def _replace_signature(message: Any, signature: bytes) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Flower RecordDict mapping. flwr is imported inside these functions: everything above (digest,
 # receipts, validation, the offline verifier) works without loading Flower.
+
+
+def recorddict_to_bytes(content: RecordDict) -> bytes:
+    """A Flower RecordDict as Flower's own protobuf bytes (no pickle): the ClientApp -> daemon hop."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(content).SerializeToString()
+
+
+def recorddict_from_bytes(data: bytes) -> RecordDict:
+    """The inverse of :func:`recorddict_to_bytes`."""
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    proto = ProtoRecordDict()
+    proto.ParseFromString(data)
+    return recorddict_from_proto(proto)
 
 
 def _adapter_record(tensors: Tensors) -> Any:

@@ -837,10 +837,7 @@ def _commit_completed(ctx: CoordinatorContext, start: _RoundStart, result: Round
             rnd = _write_round(s, start, result, nonce, started_at, entries, spend, failure=None)
             contributors = [{"client_id": a.client_id, "records": a.records, "epsilon": a.epsilon, "delta": a.delta,
                              "digest": a.digest} for a in accepted]
-            losses = [(a.metrics.get("loss"), a.records) for a in accepted]
-            total = sum(r for _, r in losses)
-            metrics = {"clients": len(accepted), "records": total,
-                       "loss": sum(float(l) * r for l, r in losses) / total if total else None,
+            metrics = {"clients": len(accepted), "records": sum(a.records for a in accepted),
                        "clipped_clients": list(aggregated.clipped_clients), "weight_capped": capped}
             row = AdapterVersion(job_id=job_id, version=version, round_id=rnd.id, parent_id=start.parent.id,
                                  blob_path=name, digest=digest, size_bytes=size, aggregation=plan.aggregation.method,

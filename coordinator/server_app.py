@@ -40,7 +40,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.compliance.checkpoints import configured_coordinator_key
-from fedtune.compliance.wire import TrainInstruction, instruction_to_record_dict
+from fedtune.compliance.wire import HELLO_KEY, TrainInstruction, instruction_to_record_dict
 from fedtune.coordinator.encryption import load_blob_key
 from fedtune.coordinator.rounds import CoordinatorContext, FromNode, Reply, run_job
 from fedtune.coordinator.store import create_session_factory, create_store_engine
@@ -48,7 +48,6 @@ from fedtune.coordinator.validation import Rejected, RejectReason, decode_reply
 
 log = logging.getLogger(__name__)
 
-HELLO_KEY = "fedtune.hello"  # the ClientApp's discovery record (client_agent/flower_app.py)
 DISCOVERY_TIMEOUT_S = 60.0
 DISCOVERY_GRACE_S = 10.0
 DEFAULT_POLL_S = 0.1  # replies pulled from the SuperLink every 0.1 s while a round waits (a cheap loopback call)

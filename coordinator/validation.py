@@ -36,8 +36,11 @@ from fedtune.compliance.accounting import AccountingError, Mechanism
 from fedtune.compliance.signing import KeyFormatError, decode_public_key
 from fedtune.compliance.wire import (
     ACCOUNTANTS,
+    METRIC_RECORDS,
+    METRIC_TRAIN_SECONDS,
     NONCE_BYTES,
     PROTOCOL_VERSION,
+    REPLY_METRICS,
     Attempt,
     ProtocolVersionError,
     Refusal,
@@ -89,8 +92,8 @@ _UNSIGNED_REASONS = frozenset({
     RejectReason.MALFORMED, RejectReason.PROTOCOL_VERSION, RejectReason.UNKNOWN_CLIENT,
     RejectReason.REVOKED_CLIENT, RejectReason.BAD_SIGNATURE, RejectReason.TRANSPORT_ERROR,
 })
-# Metrics a reply may carry besides its signed receipt, each with its domain (finite, >= 0 where a count).
-METRIC_KEYS = frozenset({"loss", "records", "train_seconds"})
+# Metrics a reply may carry besides its signed receipt (wire.REPLY_METRICS), each with its domain below.
+METRIC_KEYS = REPLY_METRICS
 
 
 @dataclass(frozen=True)
@@ -352,11 +355,11 @@ def _check_claims(reply: TrainReply, expected: RoundExpectation) -> tuple[Reject
     if extra:
         return RejectReason.BAD_METRICS, (f"unknown metrics {[k[:40] for k in extra[:5]]}; a reply carries "
                                           f"{sorted(METRIC_KEYS)}")
-    seconds = reply.metrics.get("train_seconds", 0.0)
+    seconds = reply.metrics.get(METRIC_TRAIN_SECONDS, 0.0)
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not (
             math.isfinite(seconds) and seconds >= 0):
         return RejectReason.BAD_METRICS, f"train_seconds {seconds!r} is not a finite number >= 0"
-    records, loss = reply.metrics.get("records"), reply.metrics.get("loss")
+    records = reply.metrics.get(METRIC_RECORDS)
     if records != receipt.records or not 1 <= receipt.records <= MAX_COUNT:
         return RejectReason.BAD_METRICS, (f"records: metrics say {records!r}, the signed receipt says "
                                           f"{receipt.records}; need the same count, from 1 to {MAX_COUNT}")
@@ -369,8 +372,6 @@ def _check_claims(reply: TrainReply, expected: RoundExpectation) -> tuple[Reject
         return RejectReason.MECHANISM_MISMATCH, (
             f"signed sample rate {receipt.sample_rate:.6g} x {receipt.records} records = "
             f"{receipt.sample_rate * receipt.records:.6g}, the job's batch size is {expected.batch_size}")
-    if not isinstance(loss, int | float) or isinstance(loss, bool) or not math.isfinite(loss):
-        return RejectReason.BAD_METRICS, f"loss {loss!r} is not a finite number"
     return None
 
 

@@ -114,3 +114,27 @@ def test_a_failing_executor_stops_the_whole_process_with_code_70():
     done = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 70, done.stderr
     assert "the warm ClientApp executor failed" in done.stderr and "ZeroDivisionError" in done.stderr
+
+
+def test_the_clientapp_loads_neither_torch_nor_the_model():
+    """A per-message ``flwr-clientapp`` process should start fast: the ClientApp takes its wire keys and its
+    protobuf hop from compliance.wire, which must load torch only when tensors are read."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fedtune.client_agent.flower_app; "
+            "print(sorted(m for m in ('torch', 'safetensors', 'fedtune.model') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-P", "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_clientapp_and_the_daemon_pass_a_recorddict_unchanged():
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from fedtune.compliance.wire import HELLO_KEY, recorddict_from_bytes, recorddict_to_bytes
+
+    content = RecordDict({HELLO_KEY: ConfigRecord({"client_id": "bank-a", "nonce": b"\x01\x02"}),
+                          "m": MetricRecord({"records": 3})})
+    back = recorddict_from_bytes(recorddict_to_bytes(content))
+    assert dict(back.config_records[HELLO_KEY]) == {"client_id": "bank-a", "nonce": b"\x01\x02"}
+    assert dict(back.metric_records["m"]) == {"records": 3}

@@ -41,7 +41,7 @@ class HonestAgents:
 
     def train(self, instruction, client_ids, timeout_s, **_):
         tensors = {n: t + 0.01 for n, t in instruction.adapter.items()}
-        return [sign_train_reply(instruction, client_id=c, tensors=tensors, loss=1.0, records=100 * (i + 1),
+        return [sign_train_reply(instruction, client_id=c, tensors=tensors, records=100 * (i + 1),
                                  epsilon=2.0, delta=1e-5, sample_rate=0.1, noise_multiplier=1.1, steps=5,
                                  accountant="rdp", private_key=CLIENT_KEYS[c])
                 for i, c in enumerate(client_ids)]

@@ -96,14 +96,14 @@ def test_receipt_signed_bytes_layout():
     key = generate_signing_key()
     earlier = Attempt(round=2, nonce=b"\x05" * 32, sample_rate=0.25, noise_multiplier=0.9, steps=7, accountant="prv",
                       delta=1e-5)
-    reply = sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(), loss=0.5, records=120,
+    reply = sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(), records=120,
                              epsilon=1.25, delta=1e-6, sample_rate=0.125, noise_multiplier=1.5, steps=40,
                              accountant="rdp", attempts=(earlier,), private_key=key)
 
     def s(text: str) -> bytes:
         return struct.pack(">I", len(text.encode())) + text.encode()
 
-    expected = (b"fedtune.receipt\x00" + struct.pack(">I", 2) + s("job-1") + struct.pack(">Q", 3)
+    expected = (b"fedtune.receipt\x00" + struct.pack(">I", 3) + s("job-1") + struct.pack(">Q", 3)
                 + struct.pack(">I", 32) + b"\x07" * 32 + s("bank-a") + s(tensors_digest(_adapter()))
                 + struct.pack(">d", 1.25) + struct.pack(">d", 1e-6) + s("sha256:base") + struct.pack(">Q", 120)
                 # version 2: the mechanism and the earlier attempts
@@ -119,7 +119,7 @@ def test_receipt_verifies_only_with_the_signers_key_and_unchanged_fields():
     from dataclasses import replace
 
     key = generate_signing_key()
-    receipt = sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(), loss=0.5, records=10,
+    receipt = sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(), records=10,
                                epsilon=1.0, delta=1e-6, **MECHANISM, private_key=key).receipt
     assert receipt.verify(key.public_key())
     assert not receipt.verify(generate_signing_key().public_key())
@@ -154,11 +154,11 @@ def test_reply_and_refusal_round_trip_through_flower():
     b_only = {k: v for k, v in _adapter().items() if "lora_B" in k}
     lost = Attempt(round=1, nonce=b"\x09" * 32, sample_rate=0.1, noise_multiplier=1.0, steps=5, accountant="rdp",
                    delta=1e-5)
-    reply = sign_train_reply(_instruction(), client_id="bank-a", tensors=b_only, loss=0.25, records=64,
+    reply = sign_train_reply(_instruction(), client_id="bank-a", tensors=b_only, records=64,
                              epsilon=0.8, delta=1e-6, **MECHANISM, attempts=(lost,), private_key=key)
     back = reply_from_record_dict(_through_flower(reply_to_record_dict(reply)))
     assert isinstance(back, TrainReply)
-    assert back.receipt == reply.receipt and back.metrics == {"loss": 0.25, "records": 64}
+    assert back.receipt == reply.receipt and back.metrics == {"records": 64}
     assert back.receipt.attempts == (lost,) and back.receipt.steps == MECHANISM["steps"]
     assert back.receipt.verify(key.public_key()) and tensors_digest(back.tensors) == reply.receipt.tensors_digest
 
@@ -192,22 +192,37 @@ def test_a_version_1_reply_is_refused_naming_both_versions():
     from fedtune.coordinator.validation import RejectReason, decode_reply
 
     key = generate_signing_key()
-    content = reply_to_record_dict(sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(), loss=0.5,
+    content = reply_to_record_dict(sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(),
                                                     records=10, epsilon=1.0, delta=1e-6, **MECHANISM, private_key=key))
     v1 = content.config_records["fedtune.reply"]
     v1["protocol_version"] = 1
     for field in ("sample_rate", "noise_multiplier", "steps", "accountant", "attempts_json"):
         del v1[field]
-    with pytest.raises(ProtocolVersionError, match="peer speaks wire protocol 1, this side speaks 2"):
+    with pytest.raises(ProtocolVersionError, match="peer speaks wire protocol 1, this side speaks 3"):
         reply_from_record_dict(content)
     rejected = decode_reply(content)
     assert rejected.reason_code == RejectReason.PROTOCOL_VERSION and rejected.client_id == "bank-a"
-    assert "1" in rejected.message and "2" in rejected.message
+    assert "1" in rejected.message and "3" in rejected.message
+
+
+def test_a_version_2_reply_with_its_loss_metric_is_refused_naming_both_versions():
+    """Version 3 dropped version 2's constant ``loss`` metric: a v2 agent gets the version refusal, not an
+    unknown-metric one."""
+    from fedtune.coordinator.validation import RejectReason, decode_reply
+
+    content = reply_to_record_dict(sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(),
+                                                    records=10, epsilon=1.0, delta=1e-6, **MECHANISM,
+                                                    private_key=generate_signing_key()))
+    content.config_records["fedtune.reply"]["protocol_version"] = 2
+    content.metric_records["fedtune.metrics"]["loss"] = 0.0
+    with pytest.raises(ProtocolVersionError, match="peer speaks wire protocol 2, this side speaks 3"):
+        reply_from_record_dict(content)
+    assert decode_reply(content).reason_code == RejectReason.PROTOCOL_VERSION
 
 
 def test_malformed_attempts_are_wire_errors():
     key = generate_signing_key()
-    content = reply_to_record_dict(sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(), loss=0.5,
+    content = reply_to_record_dict(sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(),
                                                     records=10, epsilon=1.0, delta=1e-6, **MECHANISM, private_key=key))
     for bad, match in (("{", "not JSON"), ('{"round": 1}', "JSON list"), ('[{"round": "1"}]', "'round' is str"),
                        ('[{"round": 1, "nonce": "zz", "sample_rate": 0.1, "noise_multiplier": 1, "steps": 1, '

@@ -414,7 +414,7 @@ def test_replies_signed_with_the_rotated_away_receipt_key_are_rejected(api):
 
     def reply(key):
         return sign_train_reply(instruction, client_id="bank-a", tensors={n: t + 0.01 for n, t in current.items()},
-                                loss=1.0, records=10, epsilon=1.0, delta=1e-6, sample_rate=0.5,
+                                records=10, epsilon=1.0, delta=1e-6, sample_rate=0.5,
                                 noise_multiplier=1.0, steps=4, accountant="rdp", private_key=key)
 
     stale = validate_reply(reply(old), expected=expected, clients=clients)
@@ -455,7 +455,7 @@ def test_a_stored_small_order_key_verifies_no_forged_receipt(api):
     expected = RoundExpectation(job_id="job-1", round=1, nonce=b"\x07" * 32, base_digest="sha256:base",
                                 current=current)
     signed = sign_train_reply(instruction, client_id="bank-a", tensors={n: t + 0.01 for n, t in current.items()},
-                              loss=1.0, records=10, epsilon=1.0, delta=1e-6, sample_rate=0.5, noise_multiplier=1.0,
+                              records=10, epsilon=1.0, delta=1e-6, sample_rate=0.5, noise_multiplier=1.0,
                               steps=4, accountant="rdp", private_key=generate_signing_key())
     forged = dataclasses.replace(signed, receipt=dataclasses.replace(signed.receipt, signature=FORGED_SIGNATURE))
     assert forged.receipt.verify(ed25519.Ed25519PublicKey.from_public_bytes(IDENTITY_RAW))  # the library's view
@@ -512,7 +512,7 @@ def test_a_job_made_through_the_api_rejects_a_1e6x_update(api):
 
     def reply(scale: float):
         return sign_train_reply(instruction, client_id="bank-a",
-                                tensors={n: t + 0.01 * scale for n, t in current.items()}, loss=1.0, records=10,
+                                tensors={n: t + 0.01 * scale for n, t in current.items()}, records=10,
                                 epsilon=1.0, delta=1e-6, sample_rate=0.5, noise_multiplier=1.0, steps=4,
                                 accountant="rdp", private_key=key)
 

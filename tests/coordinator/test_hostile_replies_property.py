@@ -38,7 +38,7 @@ replies = st.fixed_dictionaries({
 def _arbitrary_reply(ins, spec):
     tensors = {n: t + spec["scale"] for n, t in ins.adapter.items()}
     try:
-        reply = sign_train_reply(ins, client_id=spec["client"], tensors=tensors, loss=0.0, records=spec["records"],
+        reply = sign_train_reply(ins, client_id=spec["client"], tensors=tensors, records=spec["records"],
                                  epsilon=spec["epsilon"], delta=spec["delta"], sample_rate=spec["sample_rate"],
                                  noise_multiplier=spec["noise_multiplier"], steps=spec["steps"],
                                  accountant=spec["accountant"], attempts=tuple(spec["attempts"]),

@@ -50,7 +50,7 @@ def _trained(scale: float = 0.1) -> dict[str, torch.Tensor]:
 
 
 def _reply(client="bank-a", instruction=ROUND_3, tensors=None, key=None, **kw):
-    args = dict(loss=0.7, records=100, epsilon=1.5, delta=1e-6, sample_rate=0.16, noise_multiplier=1.2, steps=10,
+    args = dict(records=100, epsilon=1.5, delta=1e-6, sample_rate=0.16, noise_multiplier=1.2, steps=10,
                 accountant="rdp")
     args.update(kw)
     return sign_train_reply(instruction, client_id=client, tensors=_trained() if tensors is None else tensors,
@@ -110,8 +110,10 @@ MALICIOUS = {
     "tensors swapped in transit": (_swapped_tensors, RejectReason.DIGEST_MISMATCH),
     "negative epsilon": (lambda: _reply(epsilon=-1.0), RejectReason.BAD_PRIVACY_CLAIM),
     "epsilon over target": (lambda: _reply(epsilon=5.0), RejectReason.EPSILON_OVER_TARGET),
-    "metrics disagree with receipt": (lambda: replace(_reply(), metrics={"loss": 0.7, "records": 5}),
+    "metrics disagree with receipt": (lambda: replace(_reply(), metrics={"records": 5}),
                                       RejectReason.BAD_METRICS),
+    "a loss metric (protocol 2's constant 0.0)": (lambda: replace(_reply(), metrics={"loss": 0.0, "records": 100}),
+                                                  RejectReason.BAD_METRICS),
     "sigma swapped in transit": (lambda: replace(_reply(), receipt=replace(_reply().receipt, noise_multiplier=9.0)),
                                  RejectReason.BAD_SIGNATURE),
     "zero noise signed": (lambda: _reply(noise_multiplier=0.0), RejectReason.BAD_PRIVACY_CLAIM),
@@ -138,7 +140,7 @@ def test_norm_just_under_the_bound_is_accepted():
 
 
 def test_duplicate_reply_is_rejected():
-    outcomes = validate_replies([_reply(), _reply(loss=0.1), _reply("bank-b")], expected=EXPECT, clients=CLIENTS)
+    outcomes = validate_replies([_reply(), _reply(epsilon=1.4), _reply("bank-b")], expected=EXPECT, clients=CLIENTS)
     assert [type(o).__name__ for o in outcomes] == ["Accepted", "Rejected", "Accepted"]
     assert outcomes[1].reason_code == RejectReason.DUPLICATE
 

@@ -35,7 +35,7 @@ def honest_reply(instruction: TrainInstruction, client: str, **overrides):
     tensors = overrides.pop("tensors", None)
     if tensors is None:
         tensors = {n: t + _delta(client) for n, t in instruction.adapter.items()}
-    args = dict(loss=1.0, records=100 * (CLIENTS.index(client) + 1) if client in CLIENTS else 50,
+    args = dict(records=100 * (CLIENTS.index(client) + 1) if client in CLIENTS else 50,
                 epsilon=2.0, delta=1e-5, **MECHANISM)
     args.update(overrides)
     key = args.pop("key", None) or KEYS[client]
