@@ -63,7 +63,6 @@ API_ACTIONS = {
     "audit.export": "export the audit trail",
     "audit.verify": "verify the audit trail",
     "audit.checkpoints": "list signed audit checkpoints",
-    "report.lineage": "read an adapter version's lineage report",
     "report.processing": "read a job's record of processing",
     "metrics.read": "read the Prometheus metrics",
     "token.create": "create an admin-API token (CLI)",

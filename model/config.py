@@ -270,13 +270,6 @@ class ModelConfig:
             }
         return out
 
-    @classmethod
-    def from_name(cls, name: str) -> ModelConfig:
-        """A named preset (`tiny`, `small`)."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return PRESETS[name]
-
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
