@@ -26,7 +26,14 @@ def _plots(res: Results) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
+    files: list[str] = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(res.run_dir / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+
     versions = sorted(res.per_round)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for run in res.sites:
@@ -42,10 +49,7 @@ def _plots(res: Results) -> list[str]:
         ax.set_xticks(versions)
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(res.run_dir / "rounds.png", dpi=110)
-    plt.close(fig)
-    files.append("rounds.png")
+    save(fig, "rounds.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for run in res.sites:
@@ -56,10 +60,7 @@ def _plots(res: Results) -> list[str]:
            ylabel="epsilon")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(res.run_dir / "epsilon.png", dpi=110)
-    plt.close(fig)
-    files.append("epsilon.png")
+    save(fig, "epsilon.png")
 
     fig, ax = plt.subplots(figsize=(8, 3.8))
     names = [run.site.client_id for run in res.sites]
@@ -75,10 +76,7 @@ def _plots(res: Results) -> list[str]:
                                       for n, r in zip(names, res.sites, strict=True)])
     ax.set(title="held-out accuracy per institution, same epsilon", ylabel="accuracy", ylim=(0, 1))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(res.run_dir / "comparison.png", dpi=110)
-    plt.close(fig)
-    files.append("comparison.png")
+    save(fig, "comparison.png")
     return files
 
 

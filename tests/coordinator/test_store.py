@@ -6,12 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from fedtune.coordinator.migrations import upgrade_database
+from fedtune.coordinator.migrations import alembic_config, upgrade_database
 from fedtune.coordinator.store import (
     AdapterVersion,
     AuditCheckpoint,
@@ -62,6 +63,14 @@ def _seed_client_job_round(conn, *, round_id: int, number: int, status: str) -> 
                       ":status, :nonce)"), {"id": round_id, "number": number, "status": status, "nonce": b"\x01" * 32})
 
 
+def _downgrade(engine, revision: str) -> None:
+    """Alembic's downgrade of the store to ``revision``, on one connection of ``engine``."""
+    with engine.begin() as conn:
+        config = alembic_config()
+        config.attributes["connection"] = conn
+        command.downgrade(config, revision)
+
+
 def test_0003_keeps_old_ledger_rows_as_committed_attempts_and_downgrades(database_url):
     """A ledger row written at 0002 (no nonce, no mechanism) becomes a committed row of its round's
     number; two attempts of one client in one round fit after the upgrade, not before the downgrade."""
@@ -82,14 +91,7 @@ def test_0003_keeps_old_ledger_rows_as_committed_attempts_and_downgrades(databas
             conn.execute(text("INSERT INTO privacy_ledger (kind, client_id, job_id, round_id, epsilon, delta, "
                               "status, round_number, nonce, created_at) VALUES ('record_level', 'bank-a', 'job-1', "
                               "7, 0.4, 1e-5, 'reported', 2, 'ab', CURRENT_TIMESTAMP)"))
-        with engine.begin() as conn:
-            from alembic import command
-
-            from fedtune.coordinator.migrations import alembic_config
-
-            config = alembic_config()
-            config.attributes["connection"] = conn
-            command.downgrade(config, "0002")  # drops the reported row: 0002 allows one row per round
+        _downgrade(engine, "0002")  # drops the reported row: 0002 allows one row per round
         with engine.connect() as conn:
             assert conn.execute(text("SELECT epsilon FROM privacy_ledger")).scalars().all() == [0.5]
     finally:
@@ -112,14 +114,7 @@ def test_0002_keeps_existing_clients_and_downgrades(database_url):
         with engine.connect() as conn:
             assert conn.execute(text("SELECT id, node_public_key, flower_node_id FROM clients")).all() == [
                 ("bank-a", None, None)]
-        with engine.begin() as conn:
-            from alembic import command
-
-            from fedtune.coordinator.migrations import alembic_config
-
-            config = alembic_config()
-            config.attributes["connection"] = conn
-            command.downgrade(config, "0001")
+        _downgrade(engine, "0001")
         assert "retired_flower_nodes" not in inspect(engine).get_table_names()
         assert {c["name"] for c in inspect(engine).get_columns("clients")} == {
             "id", "org", "name", "public_key", "status", "created_at", "revoked_at"}
