@@ -37,10 +37,11 @@ else:
         dequantize_weight,
         get_scheme,
         quantize_weight,
+        register_scheme,
     )
 
     __all__ = [
         "IMPLEMENTATIONS", "SCHEMES", "QuantScheme", "QuantizationError", "dequantize_weight", "get_scheme",
-        "implementation_for", "moe_experts", "prepack", "quant_linear", "quantize_weight", "triton_available",
-        "use_implementation",
+        "implementation_for", "moe_experts", "prepack", "quant_linear", "quantize_weight", "register_scheme",
+        "triton_available", "use_implementation",
     ]

@@ -6,6 +6,7 @@ Two regimes (NOTES.md has the measurements this follows, 2-core AVX2):
 - many rows (prefill, training): dequantize once into a reused fp32 scratch buffer, then one
   fp32 GEMM. bf16 GEMM is 3-8x slower than fp32 on AVX2, so it is never used.
 nf4 has no packed CPU matmul in torch: it always takes the dequantize-into-buffer route.
+A scheme whose `fast_paths` lack "cpu" runs the reference here (logged once, kernels/schemes.py).
 
 `prepack` computes, once per weight at load time, what this path needs besides the stored
 tensors: torch's int4 CPU layout and fp32 copies of the (small) scale tensors.
@@ -13,11 +14,13 @@ tensors: torch's int4 CPU layout and fp32 copies of the (small) scale tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from fedtune.kernels import reference
-from fedtune.kernels.schemes import NF4_BLOCK, NF4_CODE, _nf4_absmax
+from fedtune.kernels.schemes import NF4_BLOCK, NF4_CODE, _nf4_absmax, get_scheme
 
 INT8PACK_K_MULTIPLE = 16
 SMALL_M = 32  # rows up to which the packed-weight matmuls beat dequantize + fp32 GEMM here
@@ -40,6 +43,27 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     return buf[:numel].view(shape)
 
 
+def _prepack_int4(weights: list[torch.Tensor], int4pack: bool) -> list[torch.Tensor]:
+    qweight, scales, zeros = weights
+    s, z = scales.float(), zeros.float()
+    out = [s, z - 8 * s, torch.stack((scales, zeros), dim=-1).transpose(-3, -2).contiguous()]
+    n = qweight.shape[-2]
+    if int4pack and n % 16 == 0:
+        codes = torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).flatten(-2).to(torch.int32)  # [..., N, Kp]
+        flat = codes.reshape(-1, *codes.shape[-2:])
+        packs = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(m.contiguous(), 2) for m in flat]
+        out.append(torch.stack(packs).reshape(*codes.shape[:-2], *packs[0].shape))
+    return out
+
+
+_PREPACK: dict[str, Callable[[list[torch.Tensor], bool], list[torch.Tensor]]] = {
+    "int4": _prepack_int4,
+    "int8": lambda weights, int4pack: [weights[1].float()],
+    "nf4": lambda weights, int4pack: [_nf4_absmax(*weights[1:])],
+    "none": lambda weights, int4pack: [],
+}
+
+
 def prepack(
     weights: list[torch.Tensor], scheme: str, group_size: int, in_features: int, int4pack: bool = True
 ) -> list[torch.Tensor]:
@@ -47,48 +71,47 @@ def prepack(
 
     int4 -> [scales f32, zeros - 8*scales f32, scales_and_zeros bf16 [..., G, N, 2], int4pack]
             (the last only when N is a multiple of 16, torch's requirement);
-    int8 -> [scales f32]; nf4 -> [absmax f32 [..., N, Kp/64]].
+    int8 -> [scales f32]; nf4 -> [absmax f32 [..., N, Kp/64]]; a scheme without this path: [].
     """
-    if scheme == "int4":
-        qweight, scales, zeros = weights
-        s, z = scales.float(), zeros.float()
-        out = [s, z - 8 * s, torch.stack((scales, zeros), dim=-1).transpose(-3, -2).contiguous()]
-        n = qweight.shape[-2]
-        if int4pack and n % 16 == 0:
-            codes = torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).flatten(-2).to(torch.int32)  # [..., N, Kp]
-            flat = codes.reshape(-1, *codes.shape[-2:])
-            packs = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(m.contiguous(), 2) for m in flat]
-            out.append(torch.stack(packs).reshape(*codes.shape[:-2], *packs[0].shape))
-        return out
-    if scheme == "int8":
-        return [weights[1].float()]
-    if scheme == "nf4":
-        return [_nf4_absmax(*weights[1:])]
-    return []
+    if not get_scheme(scheme).fast_path("cpu"):
+        return []
+    return _PREPACK[scheme](weights, int4pack)
+
+
+def _int4_into(out: torch.Tensor, weights: list[torch.Tensor], packed: list[torch.Tensor], group_size: int) -> None:
+    qweight = weights[0]
+    scales, shifted_zeros = packed[0], packed[1]
+    pairs = out.view(*qweight.shape, 2)  # [N, Kp/2, 2]
+    pairs[..., 0].copy_(qweight & 0x0F)
+    pairs[..., 1].copy_(qweight >> 4)
+    grouped = out.view(*scales.shape, group_size)  # [N, G, g]
+    grouped.mul_(scales[..., None]).add_(shifted_zeros[..., None])  # w = q*s + (z - 8s)
+
+
+def _int8_into(out: torch.Tensor, weights: list[torch.Tensor], packed: list[torch.Tensor], group_size: int) -> None:
+    out.copy_(weights[0]).mul_(packed[0][..., None])
+
+
+def _nf4_into(out: torch.Tensor, weights: list[torch.Tensor], packed: list[torch.Tensor], group_size: int) -> None:
+    table = _nf4_byte_table(out.device)  # [256, 2]: both codes of a byte
+    torch.index_select(table, 0, weights[0].reshape(-1).to(torch.int32), out=out.view(-1, 2))
+    out.view(*packed[0].shape, NF4_BLOCK).mul_(packed[0][..., None])
+
+
+# Scheme `none` has no entry: its weight is float already, and F.linear on it (the reference) is the path.
+_DEQUANTIZE_INTO: dict[str, Callable[[torch.Tensor, list[torch.Tensor], list[torch.Tensor], int], None]] = {
+    "int4": _int4_into, "int8": _int8_into, "nf4": _nf4_into,
+}
 
 
 def dequantize_into(
     out: torch.Tensor, weights: list[torch.Tensor], packed: list[torch.Tensor], scheme: str, group_size: int
 ) -> torch.Tensor:
-    """Write the fp32 weight [N, Kp] (K padded to whole blocks) into `out` with few passes."""
-    if scheme == "int4":
-        qweight = weights[0]
-        scales, shifted_zeros = packed[0], packed[1]
-        pairs = out.view(*qweight.shape, 2)  # [N, Kp/2, 2]
-        pairs[..., 0].copy_(qweight & 0x0F)
-        pairs[..., 1].copy_(qweight >> 4)
-        grouped = out.view(*scales.shape, group_size)  # [N, G, g]
-        grouped.mul_(scales[..., None]).add_(shifted_zeros[..., None])  # w = q*s + (z - 8s)
-        return out
-    if scheme == "int8":
-        out.copy_(weights[0])
-        return out.mul_(packed[0][..., None])
-    if scheme == "nf4":
-        qweight = weights[0]
-        table = _nf4_byte_table(out.device)  # [256, 2]: both codes of a byte
-        torch.index_select(table, 0, qweight.reshape(-1).to(torch.int32), out=out.view(-1, 2))
-        return out.view(*packed[0].shape, NF4_BLOCK).mul_(packed[0][..., None]).view(out.shape)
-    out.copy_(weights[0])
+    """Write the fp32 weight [N, Kp] (K padded to whole blocks) into `out` with few passes.
+
+    Only for the quantized schemes with this path (callers check `fast_path("cpu")`); any other raises.
+    """
+    _DEQUANTIZE_INTO[scheme](out, weights, packed, group_size)
     return out
 
 
@@ -103,40 +126,56 @@ def _nf4_byte_table(device: torch.device) -> torch.Tensor:
     return _nf4_tables[device]
 
 
-def _stored_k(weights: list[torch.Tensor], scheme: str, group_size: int, in_features: int) -> int:
-    if scheme in ("int4", "nf4"):
-        return weights[0].shape[-1] * 2
-    return in_features
+def _reference_runs(a: torch.Tensor, scheme: str) -> bool:
+    """fp64 (gradcheck), float weights, or a scheme without CPU kernels (logged once): the reference runs."""
+    return not get_scheme(scheme).fast_path("cpu") or a.dtype == torch.float64 or scheme == "none"
+
+
+def _packed_matmul(x: torch.Tensor, weights: list[torch.Tensor], packed: list[torch.Tensor], scheme: str,
+                   group_size: int, in_features: int) -> torch.Tensor | None:
+    """y from torch's packed int8 / int4 CPU matmul reading the stored weight, or None where none applies."""
+    # torch's int8 kernel reads past the row when K is not a multiple of 16 on AVX-512 CPUs (wrong
+    # results or a segfault, torch 2.13; fine on AVX2): such shapes take the dequantize route.
+    if scheme == "int8" and in_features % INT8PACK_K_MULTIPLE == 0:
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), weights[0],
+                                               weights[1].to(torch.bfloat16))
+        return y.to(x.dtype)
+    if scheme == "int4" and len(packed) == 4:
+        kp = get_scheme(scheme).stored_k(in_features, group_size)
+        xb = x.to(torch.bfloat16)
+        if kp != in_features:
+            xb = F.pad(xb, (0, kp - in_features))  # padded K columns meet zeros
+        xb = xb.contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed[3], group_size, packed[2])
+        return y.to(x.dtype)
+    return None
+
+
+def _linear(a: torch.Tensor, weights: list[torch.Tensor], packed: list[torch.Tensor], scheme: str, group_size: int,
+            in_features: int, *, dx: bool) -> torch.Tensor:
+    """a [M, K] · W^T -> [M, N], or with `dx` a [M, N] · W -> [M, K] (no packed matmul for dX: the scratch route)."""
+    if _reference_runs(a, scheme):
+        op = reference.quant_linear_dx if dx else reference.quant_linear
+        return op(a, weights, scheme, group_size, in_features)
+    if not packed:  # callers that did not prepack: derive the cheap parts now (no int4 reorder)
+        packed = prepack(weights, scheme, group_size, in_features, int4pack=False)
+    if not dx and a.shape[0] <= SMALL_M:
+        y = _packed_matmul(a, weights, packed, scheme, group_size, in_features)
+        if y is not None:
+            return y
+    n = weights[0].shape[-2]
+    kp = get_scheme(scheme).stored_k(in_features, group_size)
+    w = dequantize_into(scratch((n, kp), torch.float32, a.device), weights, packed, scheme, group_size)  # [N, Kp]
+    w = w[:, :in_features]  # [N, K]
+    return (a.float() @ w if dx else F.linear(a.float(), w)).to(a.dtype)
 
 
 def quant_linear(
     x: torch.Tensor, weights: list[torch.Tensor], packed: list[torch.Tensor], scheme: str, group_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    """y [M, N] = x [M, K] · W^T on the CPU."""
-    M = x.shape[0]
-    n = weights[0].shape[-2]
-    if not packed:  # callers that did not prepack: derive the cheap parts now (no int4 reorder)
-        packed = prepack(weights, scheme, group_size, in_features, int4pack=False)
-    kp = _stored_k(weights, scheme, group_size, in_features)
-    if x.dtype != torch.float64 and M <= SMALL_M:
-        # torch's int8 kernel reads past the row when K is not a multiple of 16 on AVX-512 CPUs (wrong
-        # results or a segfault, torch 2.13; fine on AVX2): such shapes take the dequantize route below.
-        if scheme == "int8" and in_features % INT8PACK_K_MULTIPLE == 0:
-            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), weights[0],
-                                                   weights[1].to(torch.bfloat16))
-            return y.to(x.dtype)
-        if scheme == "int4" and len(packed) == 4:
-            xb = x.to(torch.bfloat16)
-            if kp != in_features:
-                xb = F.pad(xb, (0, kp - in_features))  # padded K columns meet zeros
-            xb = xb.contiguous()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed[3], group_size, packed[2])
-            return y.to(x.dtype)
-    if x.dtype == torch.float64 or scheme == "none":
-        return reference.quant_linear(x, weights, scheme, group_size, in_features)
-    w = dequantize_into(scratch((n, kp), torch.float32, x.device), weights, packed, scheme, group_size)
-    return F.linear(x.float(), w[:, :in_features]).to(x.dtype)
+    """y [M, N] = x [M, K] · W^T on the CPU (packed matmul for few rows, else scratch dequant + fp32 GEMM)."""
+    return _linear(x, weights, packed, scheme, group_size, in_features, dx=False)
 
 
 def quant_linear_dx(
@@ -144,13 +183,7 @@ def quant_linear_dx(
     in_features: int,
 ) -> torch.Tensor:
     """dX [M, K] = dY [M, N] · W on the CPU (dequantize into the scratch buffer, fp32 GEMM)."""
-    if dy.dtype == torch.float64 or scheme == "none":
-        return reference.quant_linear_dx(dy, weights, scheme, group_size, in_features)
-    n = weights[0].shape[-2]
-    kp = _stored_k(weights, scheme, group_size, in_features)
-    packed = packed or prepack(weights, scheme, group_size, in_features, int4pack=False)
-    w = dequantize_into(scratch((n, kp), torch.float32, dy.device), weights, packed, scheme, group_size)
-    return (dy.float() @ w[:, :in_features]).to(dy.dtype)
+    return _linear(dy, weights, packed, scheme, group_size, in_features, dx=True)
 
 
 def expert_slice(tensors: list[torch.Tensor], e: int) -> list[torch.Tensor]:

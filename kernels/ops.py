@@ -29,18 +29,27 @@ def _triton():
 # ---------------------------------------------------------------------------------------------
 # quant_linear
 # ---------------------------------------------------------------------------------------------
+def _linear_rows(
+    a: torch.Tensor, weights: Tensors, packed: Tensors, scheme: str, group_size: int, in_features: int, *, dx: bool
+) -> torch.Tensor:
+    """y = a · W^T ([M, K] -> [M, N]), or with `dx` its input gradient a · W ([M, N] -> [M, K]),
+    by the implementation that runs for a's device."""
+    impl = implementation_for(a.device)
+    if impl == "cpu":
+        op = cpu_ops.quant_linear_dx if dx else cpu_ops.quant_linear
+        return op(a, weights, packed, scheme, group_size, in_features)
+    if impl == "triton":
+        op = _triton().quant_linear_dx_triton if dx else _triton().quant_linear_triton
+    else:
+        op = reference.quant_linear_dx if dx else reference.quant_linear
+    return op(a, weights, scheme, group_size, in_features)
+
+
 def _run_quant_linear(
     x: torch.Tensor, weights: Tensors, packed: Tensors, scheme: str, group_size: int, in_features: int
 ) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-    impl = implementation_for(x.device)
-    if impl == "cpu":
-        y = cpu_ops.quant_linear(x2, weights, packed, scheme, group_size, in_features)
-    elif impl == "triton":
-        y = _triton().quant_linear_triton(x2, weights, scheme, group_size, in_features)
-    else:
-        y = reference.quant_linear(x2, weights, scheme, group_size, in_features)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    y = _linear_rows(x.reshape(-1, x.shape[-1]), weights, packed, scheme, group_size, in_features, dx=False)
+    return y.reshape(*x.shape[:-1], y.shape[-1])  # [..., N]
 
 
 _quant_linear = torch.library.custom_op("fedtune::quant_linear", _run_quant_linear, mutates_args=())
@@ -55,14 +64,7 @@ def _(x, weights, packed, scheme, group_size, in_features):
 def _quant_linear_dx(
     dy: torch.Tensor, weights: Tensors, packed: Tensors, scheme: str, group_size: int, in_features: int
 ) -> torch.Tensor:
-    dy2 = dy.reshape(-1, dy.shape[-1])  # [M, N]
-    impl = implementation_for(dy.device)
-    if impl == "cpu":
-        dx = cpu_ops.quant_linear_dx(dy2, weights, packed, scheme, group_size, in_features)
-    elif impl == "triton":
-        dx = _triton().quant_linear_dx_triton(dy2, weights, scheme, group_size, in_features)
-    else:
-        dx = reference.quant_linear_dx(dy2, weights, scheme, group_size, in_features)
+    dx = _linear_rows(dy.reshape(-1, dy.shape[-1]), weights, packed, scheme, group_size, in_features, dx=True)
     return dx.reshape(*dy.shape[:-1], in_features)
 
 

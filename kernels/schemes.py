@@ -22,10 +22,19 @@ convention of torch's packed int4 CPU/GPU matmuls, so their packing is a reorder
 int8 is symmetric per output row: w = q * scale, q in -127..127.
 nf4 is QLoRA's NormalFloat4: w = NF4[q] * absmax per block of 64; the absmax values are
 themselves quantized (double quantization): int8 in blocks of 256 around their mean.
+
+A `QuantScheme` is the one home of a format: every other module asks it. It holds the stored
+tensors' names, its block along K (`block`), the stored layout of a weight of any shape
+(`stored_layout`: model/quantize.py allocates from it, the Triton path checks shapes against it),
+quantize / dequantize, and which fast paths (`FAST_PATHS`) have kernels for it. A path without
+kernels for a scheme runs the reference (`fast_path` logs that, once per scheme and path): the
+fast paths never guess at a layout they do not know. `register_scheme` adds a format
+(docs/quantization.md, "How to add a quantization scheme").
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +52,12 @@ NF4_CODE = (
 )
 NF4_BLOCK = 64
 NF4_ABSMAX_BLOCK = 256
+FAST_PATHS = ("cpu", "triton")  # kernels/cpu_ops.py, kernels/triton_ops.py
+
+Shape = tuple[int, ...]
+Layout = dict[str, tuple[Shape, torch.dtype]]  # stored tensor name -> (shape, dtype)
+log = logging.getLogger(__name__)
+_fallbacks_logged: set[tuple[str, str]] = set()
 
 
 class QuantizationError(ValueError):
@@ -51,14 +66,28 @@ class QuantizationError(ValueError):
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """One quantization format: its stored tensors, and the two conversions."""
+    """One quantization format: its stored tensors and layout, the two conversions, its fast paths.
+
+    Attributes:
+        tensor_names: the stored tensors, in the order the kernels take them.
+        quantize: (float weight [..., N, K], group size) -> stored tensors by name.
+        dequantize: (stored tensors in `tensor_names` order, group size, K, dtype) -> weight [..., N, K].
+        layout: (lead dims, N, K, group size, float dtype) -> name -> (shape, dtype) of what
+            `quantize` stores; the float dtype is that of a tensor stored as float (scheme `none`).
+        group_sizes, default_group_size: the group sizes offered (none: the scheme has no option).
+        fixed_block: columns per block along K when there is no group size option (1: no blocks).
+        fast_paths: the entries of FAST_PATHS with kernels for this scheme.
+    """
 
     name: str
     tensor_names: tuple[str, ...]
     quantize: Callable[[torch.Tensor, int], dict[str, torch.Tensor]]
     dequantize: Callable[[list[torch.Tensor], int, int, torch.dtype], torch.Tensor]
+    layout: Callable[[Shape, int, int, int, torch.dtype], Layout]
     group_sizes: tuple[int, ...] = ()
     default_group_size: int = 0
+    fixed_block: int = 1
+    fast_paths: tuple[str, ...] = ()
     description: str = ""
 
     def check_group_size(self, group_size: int) -> int:
@@ -71,6 +100,34 @@ class QuantScheme:
                 f"{self.name} supports group sizes {', '.join(map(str, self.group_sizes))}; got {group_size}"
             )
         return group_size
+
+    def block(self, group_size: int) -> int:
+        """Columns per quantization block along K (what K is padded to); 1 when nothing is padded."""
+        return group_size if self.group_sizes else self.fixed_block
+
+    def stored_k(self, k: int, group_size: int) -> int:
+        """K as stored: rounded up to whole blocks."""
+        return padded_k(k, self.block(group_size))
+
+    def stored_layout(self, shape: Shape, group_size: int, dtype: torch.dtype = torch.float32) -> Layout:
+        """Name -> (shape, dtype) of what `quantize` stores for a float weight of `shape` [..., N, K]."""
+        *lead, n, k = shape
+        return self.layout(tuple(lead), n, k, group_size, dtype)
+
+    def fast_path(self, path: str) -> bool:
+        """Whether `path` (one of FAST_PATHS) has kernels for this scheme.
+
+        When it has not, the caller runs the reference instead; this logs that (a warning naming
+        the scheme and the path), once per scheme and path.
+        """
+        assert path in FAST_PATHS, path
+        if path in self.fast_paths:
+            return True
+        if (self.name, path) not in _fallbacks_logged:
+            _fallbacks_logged.add((self.name, path))
+            log.warning("quantization scheme %r has no %s fast path: the %s kernels run the PyTorch reference "
+                        "(dequantize, then matmul) for it", self.name, path, path)
+        return False
 
 
 def padded_k(k: int, block: int) -> int:
@@ -127,6 +184,12 @@ def dequantize_int4(t: list[torch.Tensor], group_size: int, k: int, dtype: torch
     return w.flatten(-2)[..., :k]
 
 
+def layout_int4(lead: Shape, n: int, k: int, group_size: int, dtype: torch.dtype) -> Layout:
+    kp = padded_k(k, group_size)
+    return {"qweight": ((*lead, n, kp // 2), torch.uint8), "scales": ((*lead, n, kp // group_size), torch.bfloat16),
+            "zeros": ((*lead, n, kp // group_size), torch.bfloat16)}
+
+
 # ---------------------------------------------------------------------------------------------
 # int8: symmetric per output channel
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +203,10 @@ def quantize_int8(w: torch.Tensor, group_size: int = 0) -> dict[str, torch.Tenso
 def dequantize_int8(t: list[torch.Tensor], group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     qweight, scales = t
     return qweight.to(dtype) * scales.to(dtype)[..., None]
+
+
+def layout_int8(lead: Shape, n: int, k: int, group_size: int, dtype: torch.dtype) -> Layout:
+    return {"qweight": ((*lead, n, k), torch.int8), "scales": ((*lead, n), torch.bfloat16)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +261,13 @@ def dequantize_nf4(t: list[torch.Tensor], group_size: int, k: int, dtype: torch.
     return (values * absmax[..., None]).flatten(-2)[..., :k]
 
 
+def layout_nf4(lead: Shape, n: int, k: int, group_size: int, dtype: torch.dtype) -> Layout:
+    kp = padded_k(k, NF4_BLOCK)
+    blocks = n * kp // NF4_BLOCK  # absmax values per matrix
+    return {"qweight": ((*lead, n, kp // 2), torch.uint8), "absmax_q": ((*lead, n, kp // NF4_BLOCK), torch.int8),
+            "absmax_scale": ((*lead, _absmax_blocks(blocks)), torch.float32), "absmax_offset": (lead, torch.float32)}
+
+
 # ---------------------------------------------------------------------------------------------
 # none: the float weight itself
 # ---------------------------------------------------------------------------------------------
@@ -205,16 +279,43 @@ def dequantize_none(t: list[torch.Tensor], group_size: int, k: int, dtype: torch
     return t[0].to(dtype)
 
 
-SCHEMES: dict[str, QuantScheme] = {
-    "int4": QuantScheme("int4", ("qweight", "scales", "zeros"), quantize_int4, dequantize_int4,
-                        group_sizes=(32, 64, 128), default_group_size=128,
-                        description="asymmetric 4-bit, group-wise along K, bf16 scales and zeros"),
-    "int8": QuantScheme("int8", ("qweight", "scales"), quantize_int8, dequantize_int8,
-                        description="symmetric 8-bit per output channel, bf16 scales"),
-    "nf4": QuantScheme("nf4", ("qweight", "absmax_q", "absmax_scale", "absmax_offset"), quantize_nf4,
-                       dequantize_nf4, description="NormalFloat4, blocks of 64, double-quantized absmax"),
-    "none": QuantScheme("none", ("weight",), keep_float, dequantize_none, description="unquantized"),
-}
+def layout_none(lead: Shape, n: int, k: int, group_size: int, dtype: torch.dtype) -> Layout:
+    return {"weight": ((*lead, n, k), dtype)}
+
+
+# The registry: every module that needs a scheme looks it up here (register_scheme adds one).
+SCHEMES: dict[str, QuantScheme] = {}
+
+
+def register_scheme(scheme: QuantScheme) -> QuantScheme:
+    """Add a quantization format to SCHEMES, the one place the converter, loader and kernels look.
+
+    Raises:
+        ValueError: the name is taken, or `fast_paths` names a path that is not in FAST_PATHS.
+    """
+    if scheme.name in SCHEMES:
+        raise ValueError(f"quantization scheme {scheme.name!r} is already registered")
+    unknown = set(scheme.fast_paths) - set(FAST_PATHS)
+    if unknown:
+        raise ValueError(f"{scheme.name}: unknown fast paths {sorted(unknown)}; the paths are {', '.join(FAST_PATHS)}")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+register_scheme(QuantScheme(
+    "int4", ("qweight", "scales", "zeros"), quantize_int4, dequantize_int4, layout_int4,
+    group_sizes=(32, 64, 128), default_group_size=128, fast_paths=FAST_PATHS,
+    description="asymmetric 4-bit, group-wise along K, bf16 scales and zeros"))
+register_scheme(QuantScheme(
+    "int8", ("qweight", "scales"), quantize_int8, dequantize_int8, layout_int8, fast_paths=FAST_PATHS,
+    description="symmetric 8-bit per output channel, bf16 scales"))
+register_scheme(QuantScheme(
+    "nf4", ("qweight", "absmax_q", "absmax_scale", "absmax_offset"), quantize_nf4, dequantize_nf4, layout_nf4,
+    fixed_block=NF4_BLOCK, fast_paths=FAST_PATHS,
+    description="NormalFloat4, blocks of 64, double-quantized absmax"))
+register_scheme(QuantScheme(
+    "none", ("weight",), keep_float, dequantize_none, layout_none, fast_paths=FAST_PATHS,
+    description="unquantized"))
 
 
 def get_scheme(name: str) -> QuantScheme:
@@ -222,11 +323,6 @@ def get_scheme(name: str) -> QuantScheme:
         return SCHEMES[name]
     except KeyError:
         raise QuantizationError(f"unknown quantization scheme {name!r}; choose one of {', '.join(SCHEMES)}") from None
-
-
-def block_of(scheme: str, group_size: int) -> int:
-    """Columns per quantization block along K (what K is padded to)."""
-    return {"int4": group_size, "nf4": NF4_BLOCK}.get(scheme, 1)
 
 
 def quantize_weight(w: torch.Tensor, scheme: str, group_size: int = 0) -> dict[str, torch.Tensor]:

@@ -17,6 +17,9 @@ down (routing weight in the epilogue); each slot writes its own row, and the top
 are summed afterwards (deterministic, no atomics). The grid is sized by an upper bound on the
 number of blocks, so nothing waits on the GPU; blocks past the end exit at once.
 
+Which schemes: those whose `fast_paths` name "triton" (each has a branch in `_dequant_tile`); any
+other registered scheme runs the PyTorch reference from the same entry points, logged once.
+
 Runs on CUDA tensors; under `TRITON_INTERPRET=1` (set before triton is imported) the same kernels
 run on CPU tensors in Triton's interpreter, which is how the tests exercise them without a GPU.
 """
@@ -28,7 +31,8 @@ from typing import NamedTuple
 
 import torch
 
-from fedtune.kernels.schemes import NF4_ABSMAX_BLOCK, NF4_BLOCK, NF4_CODE, block_of, get_scheme, padded_k
+from fedtune.kernels import reference
+from fedtune.kernels.schemes import NF4_ABSMAX_BLOCK, NF4_CODE, SCHEMES, QuantScheme, get_scheme
 
 try:
     import triton
@@ -47,7 +51,6 @@ BLOCK_N = 64
 MAX_BLOCK_K = 64
 MAX_BLOCK_M = 64
 MIN_BLOCK_M = 16  # tl.dot needs every tile dim >= 16
-SUPPORTED_SCHEMES = ("none", "int8", "int4", "nf4")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +81,7 @@ def _dequant_tile(w0, w1, w2, w3, code_ptr, n, k, k0, N, K, row_stride0, row_str
             zero = tl.load(w2 + block, mask=row_ok, other=0.0).to(tl.float32)
             w = (q - 8).to(tl.float32) * scale + zero
         else:
+            tl.static_assert(SCHEME == "nf4")  # a scheme with a "triton" fast path has a branch here
             # nf4: the double-quantized absmax (int8 around the matrix's mean, one scale per 256
             # blocks) is dequantized here, per tile row, rather than to an fp32 [N, Kp/64] tensor first.
             absmax_q = tl.load(w1 + block, mask=row_ok, other=0).to(tl.float32)
@@ -257,19 +261,6 @@ def _check_activation(x: torch.Tensor, name: str, features: int) -> torch.Tensor
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def _stored_shapes(scheme: str, group_size: int, n: int, k: int, lead: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Shapes of a scheme's stored tensors for a weight [*lead, n, k] (see schemes.py's table)."""
-    if scheme == "none":
-        return [(*lead, n, k)]
-    if scheme == "int8":
-        return [(*lead, n, k), (*lead, n)]
-    kp = padded_k(k, block_of(scheme, group_size))
-    if scheme == "int4":
-        return [(*lead, n, kp // 2), (*lead, n, kp // group_size), (*lead, n, kp // group_size)]
-    blocks = n * kp // NF4_BLOCK
-    return [(*lead, n, kp // 2), (*lead, n, kp // NF4_BLOCK), (*lead, math.ceil(blocks / NF4_ABSMAX_BLOCK)), lead]
-
-
 class _StoredWeight(NamedTuple):
     """A weight's stored tensors as kernel arguments."""
 
@@ -284,7 +275,9 @@ def _weight_args(weights: list[torch.Tensor], scheme: str, group_size: int, n: i
     names = get_scheme(scheme).tensor_names
     if len(weights) != len(names):
         raise ValueError(f"scheme {scheme} stores {len(names)} tensors ({', '.join(names)}); got {len(weights)}")
-    for name, t, shape in zip(names, weights, _stored_shapes(scheme, group_size, n, k, lead), strict=True):
+    layout = get_scheme(scheme).stored_layout((*lead, n, k), group_size)
+    for name, t in zip(names, weights, strict=True):
+        shape = layout[name][0]
         if tuple(t.shape) != shape:
             raise ValueError(f"{scheme} {name} should be {shape} for a [{n}, {k}] weight; got {tuple(t.shape)}")
     # Stored quantized tensors are contiguous already; a float weight only needs unit column stride
@@ -297,10 +290,11 @@ def _weight_args(weights: list[torch.Tensor], scheme: str, group_size: int, n: i
     return _StoredWeight(tensors + [tensors[0]] * unused, row_strides, expert_strides + [0] * unused)
 
 
-def _check_scheme(scheme: str, group_size: int) -> int:
-    if scheme not in SUPPORTED_SCHEMES:
-        raise ValueError(f"the Triton kernels support schemes {', '.join(SUPPORTED_SCHEMES)}; got {scheme!r}")
-    return get_scheme(scheme).check_group_size(group_size)
+def _check_scheme(scheme: str, group_size: int) -> tuple[QuantScheme, int]:
+    if scheme not in SCHEMES:
+        raise ValueError(f"the Triton kernels support schemes {', '.join(SCHEMES)}; got {scheme!r}")
+    spec = SCHEMES[scheme]
+    return spec, spec.check_group_size(group_size)
 
 
 _CODE_TABLES: dict[torch.device, torch.Tensor] = {}
@@ -318,7 +312,7 @@ def _block_m(rows: int) -> int:
 
 def _launch_constants(scheme: str, group_size: int, dtype: torch.dtype, block_m: int) -> dict:
     """Constexpr kernel arguments shared by every launch."""
-    block = block_of(scheme, group_size)
+    block = get_scheme(scheme).block(group_size)
     block_k = min(MAX_BLOCK_K, block) if block > 1 else MAX_BLOCK_K
     return dict(
         SCHEME=scheme, GROUP=block if block > 1 else block_k, ABSMAX_BLOCK=NF4_ABSMAX_BLOCK,
@@ -332,6 +326,32 @@ def _launch_constants(scheme: str, group_size: int, dtype: torch.dtype, block_m:
 # ---------------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------------
+def _linear(a: torch.Tensor, weights: list[torch.Tensor], scheme: str, group_size: int, in_features: int, *,
+            dx: bool) -> torch.Tensor:
+    """a [M, K] @ W^T -> [M, N], or with `dx` a [M, N] @ W -> [M, K]: checks, fallback, one launch."""
+    _require_triton()
+    spec, group_size = _check_scheme(scheme, group_size)
+    if not spec.fast_path("triton"):
+        _require_device(a, *weights)
+        fallback = reference.quant_linear_dx if dx else reference.quant_linear
+        return fallback(a, weights, scheme, group_size, in_features)
+    n = weights[0].shape[0] if weights else 0
+    a = _check_activation(a, "dy" if dx else "x", n if dx else in_features)
+    w = _weight_args(weights, scheme, group_size, n, in_features)
+    _require_device(a, *w.tensors)
+    m, out_cols = a.shape[0], in_features if dx else n
+    if m == 0 or n == 0:
+        return torch.zeros(m, out_cols, dtype=a.dtype, device=a.device)  # dX of no output columns is 0
+    out = torch.empty(m, out_cols, dtype=a.dtype, device=a.device)
+    consts = _launch_constants(scheme, group_size, a.dtype, _block_m(m))
+    # The grid tiles rows and output columns; the kernel loops over the reduced dim (K, or N for dX).
+    grid = (triton.cdiv(m, consts["BLOCK_M"]), triton.cdiv(out_cols, consts["BLOCK_K" if dx else "BLOCK_N"]))
+    kernel = _quant_linear_dx_kernel if dx else _quant_linear_kernel
+    kernel[grid](a, out, *w.tensors, _nf4_code(a.device), m, n, in_features, a.stride(0), out.stride(0),
+                 *w.row_strides, **consts)
+    return out
+
+
 def quant_linear_triton(
     x: torch.Tensor, weights: list[torch.Tensor], scheme: str, group_size: int, in_features: int
 ) -> torch.Tensor:
@@ -340,7 +360,8 @@ def quant_linear_triton(
     Args:
         x: [M, K] activations (float16, bfloat16 or float32), K = in_features.
         weights: the scheme's stored tensors for one [N, K] weight, in `tensor_names` order.
-        scheme: "int4", "int8", "nf4" or "none".
+        scheme: a registered scheme (kernels/schemes.py); one without a "triton" fast path runs the
+            reference instead (logged once).
         group_size: int4 group size (0 for the default); ignored by the other schemes.
         in_features: K, the unpadded input width.
     Returns:
@@ -349,52 +370,18 @@ def quant_linear_triton(
         RuntimeError: triton is missing, or the tensors are not on a device the kernels run on.
         ValueError: an unsupported scheme, group size, dtype or shape.
     """
-    _require_triton()
-    group_size = _check_scheme(scheme, group_size)
-    x = _check_activation(x, "x", in_features)
-    n = weights[0].shape[0] if weights else 0
-    w = _weight_args(weights, scheme, group_size, n, in_features)
-    _require_device(x, *w.tensors)
-    m = x.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
-    consts = _launch_constants(scheme, group_size, x.dtype, _block_m(m))
-    grid = (triton.cdiv(m, consts["BLOCK_M"]), triton.cdiv(n, BLOCK_N))
-    _quant_linear_kernel[grid](x, out, *w.tensors, _nf4_code(x.device), m, n, in_features, x.stride(0),
-                               out.stride(0), *w.row_strides, **consts)
-    return out
+    return _linear(x, weights, scheme, group_size, in_features, dx=False)
 
 
 def quant_linear_dx_triton(
     dy: torch.Tensor, weights: list[torch.Tensor], scheme: str, group_size: int, in_features: int
 ) -> torch.Tensor:
-    """dX = dY @ W, the input gradient of `quant_linear_triton`, with W dequantized in registers.
+    """dX [M, K] = dY [M, N] @ W, the input gradient of `quant_linear_triton`, W dequantized in registers.
 
-    Args:
-        dy: [M, N] output gradient (float16, bfloat16 or float32).
-        weights, scheme, group_size, in_features: as for `quant_linear_triton`.
-    Returns:
-        [M, K] in dy's dtype (fp32 accumulation).
-    Raises:
-        RuntimeError: triton is missing, or the tensors are not on a device the kernels run on.
-        ValueError: an unsupported scheme, group size, dtype or shape.
+    dy is the output gradient (float16, bfloat16 or float32); the other arguments, the fallback and
+    the errors are those of `quant_linear_triton`. Returns dX in dy's dtype (fp32 accumulation).
     """
-    _require_triton()
-    group_size = _check_scheme(scheme, group_size)
-    n = weights[0].shape[0] if weights else 0
-    dy = _check_activation(dy, "dy", n)
-    w = _weight_args(weights, scheme, group_size, n, in_features)
-    _require_device(dy, *w.tensors)
-    m = dy.shape[0]
-    if m == 0 or n == 0:
-        return torch.zeros(m, in_features, dtype=dy.dtype, device=dy.device)
-    dx = torch.empty(m, in_features, dtype=dy.dtype, device=dy.device)
-    consts = _launch_constants(scheme, group_size, dy.dtype, _block_m(m))
-    grid = (triton.cdiv(m, consts["BLOCK_M"]), triton.cdiv(in_features, consts["BLOCK_K"]))
-    _quant_linear_dx_kernel[grid](dy, dx, *w.tensors, _nf4_code(dy.device), m, n, in_features, dy.stride(0),
-                                  dx.stride(0), *w.row_strides, **consts)
-    return dx
+    return _linear(dy, weights, scheme, group_size, in_features, dx=True)
 
 
 def align_slots_to_blocks(
@@ -436,14 +423,8 @@ def align_slots_to_blocks(
 
 
 def moe_experts_triton(
-    x: torch.Tensor,
-    expert_ids: torch.Tensor,
-    routing_weights: torch.Tensor,
-    gate: list[torch.Tensor],
-    up: list[torch.Tensor],
-    down: list[torch.Tensor],
-    scheme: str,
-    group_size: int,
+    x: torch.Tensor, expert_ids: torch.Tensor, routing_weights: torch.Tensor,
+    gate: list[torch.Tensor], up: list[torch.Tensor], down: list[torch.Tensor], scheme: str, group_size: int,
 ) -> torch.Tensor:
     """Routed SwiGLU experts over stacked, quantized weights (the semantics of `reference.moe_experts`).
 
@@ -454,7 +435,7 @@ def moe_experts_triton(
         expert_ids: [T, k] integer expert per token and slot, in [0, E).
         routing_weights: [T, k] weight per token and slot.
         gate, up: stored tensors of stacked [E, I, H] weights; down: of stacked [E, H, I].
-        scheme: "int4", "int8", "nf4" or "none" (then each list is [weight]).
+        scheme: as for `quant_linear_triton` ("none": each list is [weight]).
         group_size: int4 group size (0 for the default).
     Returns:
         [T, H] in x's dtype.
@@ -463,7 +444,10 @@ def moe_experts_triton(
         ValueError: an unsupported scheme, group size, dtype or shape.
     """
     _require_triton()
-    group_size = _check_scheme(scheme, group_size)
+    spec, group_size = _check_scheme(scheme, group_size)
+    if not spec.fast_path("triton"):
+        _require_device(x, expert_ids, routing_weights, *gate, *up, *down)
+        return reference.quant_moe_experts(x, expert_ids, routing_weights, gate, up, down, scheme, group_size)
     if not gate or gate[0].ndim != 3:
         raise ValueError("gate must hold stacked [E, I, ...] tensors")
     num_experts, inter = gate[0].shape[:2]

@@ -21,7 +21,6 @@ Everything stored is a buffer: the quantized base is frozen and has no trainable
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,19 +28,11 @@ import torch
 from torch import nn
 
 from fedtune.kernels import moe_experts, prepack, quant_linear
-from fedtune.kernels.schemes import (
-    NF4_ABSMAX_BLOCK,
-    NF4_BLOCK,
-    QuantizationError,
-    get_scheme,
-    padded_k,
-    quantize_weight,
-)
+from fedtune.kernels.schemes import Layout, QuantizationError, Shape, get_scheme, quantize_weight
 from fedtune.model.config import ModelConfig
 from fedtune.model.model import DeepseekForCausalLM, RoutedExperts
 
 FORMAT_VERSION = 1
-Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -63,8 +54,8 @@ class QuantizationConfig:
                                     f"fedtune reads version {FORMAT_VERSION} (convert the checkpoint again)")
         if scheme.group_sizes:
             object.__setattr__(self, "group_size", scheme.check_group_size(self.group_size))
-        elif self.group_size not in (0, NF4_BLOCK if self.scheme == "nf4" else 0):
-            fixed = f"fixed blocks of {NF4_BLOCK}" if self.scheme == "nf4" else "one scale per output channel"
+        elif self.group_size not in {0, scheme.fixed_block} - {1}:  # a fixed block may be named, nothing else
+            fixed = f"fixed blocks of {scheme.fixed_block}" if scheme.fixed_block > 1 else scheme.description
             raise QuantizationError(f"{self.scheme} has no group size option ({fixed}); got group size "
                                     f"{self.group_size}: leave it out")
         else:
@@ -92,46 +83,13 @@ class QuantizationConfig:
                    int(block.get("format_version", FORMAT_VERSION)))
 
 
-# ---------------------------------------------------------------------------------------------
-# Stored layout of each scheme (shapes and dtypes without quantizing anything: for meta models)
-# ---------------------------------------------------------------------------------------------
-Layout = dict[str, tuple[Shape, torch.dtype]]
-
-
-def _int4_layout(lead: Shape, n: int, k: int, group_size: int, dtype: torch.dtype) -> Layout:
-    kp = padded_k(k, group_size)
-    return {"qweight": ((*lead, n, kp // 2), torch.uint8), "scales": ((*lead, n, kp // group_size), torch.bfloat16),
-            "zeros": ((*lead, n, kp // group_size), torch.bfloat16)}
-
-
-def _int8_layout(lead: Shape, n: int, k: int, group_size: int, dtype: torch.dtype) -> Layout:
-    return {"qweight": ((*lead, n, k), torch.int8), "scales": ((*lead, n), torch.bfloat16)}
-
-
-def _nf4_layout(lead: Shape, n: int, k: int, group_size: int, dtype: torch.dtype) -> Layout:
-    blocks = n * padded_k(k, NF4_BLOCK) // NF4_BLOCK  # absmax values per matrix
-    return {"qweight": ((*lead, n, padded_k(k, NF4_BLOCK) // 2), torch.uint8),
-            "absmax_q": ((*lead, n, blocks // n), torch.int8),
-            "absmax_scale": ((*lead, math.ceil(blocks / NF4_ABSMAX_BLOCK)), torch.float32),
-            "absmax_offset": (lead, torch.float32)}
-
-
-def _none_layout(lead: Shape, n: int, k: int, group_size: int, dtype: torch.dtype) -> Layout:
-    return {"weight": ((*lead, n, k), dtype)}
-
-
-LAYOUTS: dict[str, Callable[[Shape, int, int, int, torch.dtype], Layout]] = {
-    "int4": _int4_layout, "int8": _int8_layout, "nf4": _nf4_layout, "none": _none_layout,
-}
-
-
 def quantized_layout(scheme: str, group_size: int, shape: Shape, dtype: torch.dtype = torch.float32) -> Layout:
     """Name -> (shape, dtype) of what `quantize_weight` stores for a float weight of `shape` [..., N, K].
 
-    `dtype` is the float dtype of scheme `none`'s weight. Kept beside the schemes' own code by a test.
+    No quantizing (for meta models); the scheme's own `stored_layout`. `dtype` is the float dtype of
+    scheme `none`'s weight.
     """
-    *lead, n, k = shape
-    return LAYOUTS[scheme](tuple(lead), n, k, group_size, dtype)
+    return get_scheme(scheme).stored_layout(shape, group_size, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,8 +118,11 @@ class QuantWeight(nn.Module):
 
     @property
     def fixed_dtype_names(self) -> tuple[str, ...]:
-        """The stored tensors whose dtype is part of the format (all but scheme `none`'s float weight)."""
-        return () if self.scheme == "none" else self.tensor_names
+        """The stored tensors whose dtype is part of the format: all but those the layout stores in the
+        model's float dtype (scheme `none`'s weight)."""
+        as_half = quantized_layout(self.scheme, self.group_size, self.weight_shape, torch.float16)
+        as_float = quantized_layout(self.scheme, self.group_size, self.weight_shape, torch.float32)
+        return tuple(n for n in self.tensor_names if as_half[n][1] == as_float[n][1])
 
     def set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the stored tensors (as `quantize_weight` returns them) and recompute the packed layouts."""
@@ -330,7 +291,8 @@ def quantize_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig
     Args:
         state_dict: `DeepseekForCausalLM.state_dict()`-style names and tensors (may be partial).
         config: the model's architecture (decides which names are linears and experts).
-        scheme: `int4`, `int8`, `nf4` or `none`. group_size: int4's group (0 = default 128).
+        scheme: a registered scheme (`int4`, `int8`, `nf4`, `none`, ...; kernels/schemes.py).
+            group_size: int4's group (0 = default 128).
         quantize_lm_head: also quantize `lm_head.weight`.
     Returns:
         A new dict: quantized tensors under the names in this module's docstring, the rest as given.

@@ -106,3 +106,24 @@ def test_bad_inputs_are_refused_with_names():
         quantize_weight(torch.tensor([[float("nan"), 1.0]]), "int8")
     with pytest.raises(QuantizationError, match="float weights"):
         quantize_weight(torch.ones(4, 4, dtype=torch.int32), "int8")
+
+
+def test_blocks_and_stored_k_by_hand():
+    # int4 pads K to its group, nf4 to 64, int8 and none not at all (module docstring's table).
+    assert [get_scheme("int4").stored_k(100, g) for g in (32, 64, 128)] == [128, 128, 128]
+    assert get_scheme("int4").stored_k(130, 32) == 160
+    assert get_scheme("nf4").stored_k(130, 0) == 192
+    assert get_scheme("int8").stored_k(130, 0) == 130 and get_scheme("none").stored_k(130, 0) == 130
+    assert get_scheme("nf4").stored_layout((3, 5, 130), 0)["absmax_q"] == ((3, 5, 3), torch.int8)
+
+
+def test_the_registry_refuses_a_taken_name_and_an_unknown_path():
+    from fedtune.kernels.schemes import SCHEMES, QuantScheme, register_scheme
+
+    int8 = get_scheme("int8")
+    with pytest.raises(ValueError, match="'int8' is already registered"):
+        register_scheme(int8)
+    with pytest.raises(ValueError, match="unknown fast paths \\['metal'\\]"):
+        register_scheme(QuantScheme("int8_metal", int8.tensor_names, int8.quantize, int8.dequantize, int8.layout,
+                                    fast_paths=("cpu", "metal")))
+    assert "int8_metal" not in SCHEMES and SCHEMES["int8"] is int8
