@@ -8,7 +8,8 @@ import typer
 
 from fedtune.cli.demo import demo
 from fedtune.client_agent.cli import app as agent_app
-from fedtune.compliance.cli import app as audit_app
+from fedtune.compliance.cli import AUDIT_HELP, keygen, verify
+from fedtune.coordinator.audit_cli import checkpoint, export, lineage, processing
 from fedtune.coordinator.cli import app as coordinator_app
 from fedtune.model.cli import app as model_app
 
@@ -17,6 +18,11 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+# `fedtune audit`: compliance's offline commands (verify, keygen) beside the coordinator's, which read its store
+audit_app = typer.Typer(help=AUDIT_HELP, no_args_is_help=True)
+for command in (export, verify, checkpoint, keygen, lineage, processing):
+    audit_app.command()(command)
+
 app.add_typer(model_app, name="model")
 app.add_typer(agent_app, name="agent")
 app.add_typer(audit_app, name="audit")

@@ -1,11 +1,14 @@
-"""Exporting the audit trail from the coordinator's store (layout: :mod:`fedtune.compliance.bundle`).
+"""Exporting the audit trail (layout: :mod:`fedtune.compliance.bundle`).
 
-An export signs a fresh checkpoint of the whole log (:func:`fedtune.coordinator.store.audit.
-snapshot_audit_log`, which first re-checks the stored chain and the newest earlier checkpoint)
-and writes the records it covers. Filters (job, time) select records; a filtered export proves
-each record's place in the signed log with an inclusion proof (see the bundle docstring).
+An export signs a fresh checkpoint of the whole log (:meth:`AuditLogSource.snapshot
+<fedtune.compliance.audit_log.AuditLogSource.snapshot>`, which first re-checks the stored chain and
+the newest earlier checkpoint) and writes the records it covers. Filters (job, time) select
+records; a filtered export proves each record's place in the signed log with an inclusion proof
+(see the bundle docstring).
 
-This module reads the store; the verifier (:mod:`fedtune.compliance.verify`) does not.
+The log is read through :class:`~fedtune.compliance.audit_log.AuditLogSource`; the coordinator's
+store implements it (``fedtune.coordinator.audit_export.export_audit`` exports from a session).
+The verifier (:mod:`fedtune.compliance.verify`) reads files only.
 """
 
 from __future__ import annotations
@@ -17,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy.orm import Session
 
+from fedtune.compliance.audit_log import AuditLogSource
 from fedtune.compliance.bundle import write_export_bundle
 from fedtune.compliance.canonical import format_timestamp, parse_timestamp
 from fedtune.compliance.checkpoints import Checkpoint
 from fedtune.compliance.formats import RECORD_FORMATS
-from fedtune.coordinator.store.audit import checkpoint_of, snapshot_audit_log
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def _belongs_to_job(record: Mapping[str, Any], job_id: str) -> bool:
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What :func:`export_audit` wrote."""
+    """What :func:`export_audit_log` wrote."""
 
     out_dir: Path
     record_format: str
@@ -81,26 +83,23 @@ class ExportResult:
     files: dict[str, str]
 
 
-def export_audit(session: Session, out_dir: str | Path, *, signing_key: Ed25519PrivateKey,
-                 record_format: str = "jsonl", job_id: str | None = None, since: datetime | None = None,
-                 until: datetime | None = None, exported_at: datetime | None = None,
-                 read: Session | None = None) -> ExportResult:
+def export_audit_log(log: AuditLogSource, out_dir: str | Path, *, signing_key: Ed25519PrivateKey,
+                     record_format: str = "jsonl", job_id: str | None = None, since: datetime | None = None,
+                     until: datetime | None = None, exported_at: datetime | None = None) -> ExportResult:
     """Sign a checkpoint of the audit log and export the records it covers to ``out_dir``.
 
-    Call inside a transaction (``with sessions.begin() as s``): the checkpoint and its
-    ``audit.checkpoint_signed`` record are written in it and commit with it. The caller records
-    the export itself (``audit.export``) if it wants to.
+    The checkpoint and its ``audit.checkpoint_signed`` record are written where ``log`` keeps them
+    (for the coordinator's store: in the caller's transaction, and commit with it). The caller
+    records the export itself (``audit.export``) if it wants to.
 
     Args:
-        session: a session in a transaction on the coordinator's store.
+        log: the audit log (:class:`~fedtune.compliance.audit_log.AuditLogSource`).
         out_dir: a new or empty directory.
         signing_key: the coordinator's Ed25519 key (signs the checkpoint and the manifest).
         record_format: ``jsonl`` or ``csv`` (:data:`fedtune.compliance.formats.RECORD_FORMATS`).
         job_id, since, until: select a job's records and/or ``since <= occurred_at < until``
             (:class:`AuditFilter`); none of them: every record, a complete export.
         exported_at: the export's time (default now).
-        read: a read-only session (one snapshot) to read the log in, so that ``session`` holds the
-            append lock only to confirm it and sign (:func:`snapshot_audit_log`).
 
     Returns:
         An :class:`ExportResult`.
@@ -108,7 +107,7 @@ def export_audit(session: Session, out_dir: str | Path, *, signing_key: Ed25519P
     Raises:
         ValueError: an unknown format, a naive time, or since >= until.
         FileExistsError: ``out_dir`` is not new or empty.
-        fedtune.coordinator.store.audit.AuditIntegrityError: the stored log fails its own chain or an
+        fedtune.compliance.audit_log.AuditIntegrityError: the stored log fails its own chain or an
             earlier checkpoint; nothing is signed or written.
     """
     if record_format not in RECORD_FORMATS:
@@ -118,8 +117,9 @@ def export_audit(session: Session, out_dir: str | Path, *, signing_key: Ed25519P
         raise FileExistsError(f"{out_dir} exists and is not an empty directory; export into a new one")
     audit_filter = AuditFilter(job_id=job_id, since=since, until=until)
     exported_at = exported_at or datetime.now(UTC)
-    snapshot = snapshot_audit_log(session, signing_key, signed_at=exported_at, read=read)
-    tree, size = snapshot.tree, snapshot.checkpoint.tree_size
+    snapshot = log.snapshot(signing_key, signed_at=exported_at)
+    checkpoint = snapshot.checkpoint.checkpoint
+    tree, size = snapshot.tree, checkpoint.tree_size
     complete = audit_filter.selects_all
     records = snapshot.records if complete else [r for r in snapshot.records if audit_filter.matches(r)]
     proofs: dict[str, Any] = {}
@@ -128,7 +128,6 @@ def export_audit(session: Session, out_dir: str | Path, *, signing_key: Ed25519P
                                for r in records}
         proofs["consistency"] = {str(m): [h.hex() for h in tree.consistency_proof(m, size)]
                                  for m in snapshot.checkpoint_sizes if 0 < m < size}
-    checkpoint = checkpoint_of(snapshot.checkpoint)
     files = write_export_bundle(out_dir, records=records, checkpoint=checkpoint, signing_key=signing_key,
                                 record_format=record_format, complete=complete,
                                 filter_description=audit_filter.describe(), proofs=proofs, exported_at=exported_at)

@@ -127,6 +127,23 @@ def _is_hash(value: object) -> bool:
     return isinstance(value, bytes) and len(value) == HASH_SIZE
 
 
+def _proof_sides(fn: int, sn: int, count: int) -> list[bool] | None:
+    """The walk both proof checks of RFC 9162 (§2.1.3.2, §2.1.4.2) make from node ``fn`` up to the
+    root, ``sn`` the last node at each level: for each of ``count`` proof nodes, whether it joins
+    from the left (True) or the right; None when the proof is longer or shorter than that path."""
+    sides = []
+    for _ in range(count):
+        if sn == 0:
+            return None
+        on_left = bool(fn & 1 or fn == sn)
+        sides.append(on_left)
+        if on_left and not fn & 1:
+            while fn and not fn & 1:
+                fn, sn = fn >> 1, sn >> 1
+        fn, sn = fn >> 1, sn >> 1
+    return sides if sn == 0 else None
+
+
 def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[bytes], root: bytes) -> bool:
     """True exactly when ``proof`` shows the leaf hash ``leaf`` at ``index`` in the tree of ``size``
     leaves with head ``root`` (RFC 9162 §2.1.3.2)."""
@@ -134,19 +151,13 @@ def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[bytes],
         return False
     if not 0 <= index < size:
         return False
-    fn, sn, r = index, size - 1, leaf
-    for p in proof:
-        if sn == 0:
-            return False
-        if fn & 1 or fn == sn:
-            r = node_hash(p, r)
-            if not fn & 1:
-                while fn and not fn & 1:
-                    fn, sn = fn >> 1, sn >> 1
-        else:
-            r = node_hash(r, p)
-        fn, sn = fn >> 1, sn >> 1
-    return sn == 0 and r == root
+    sides = _proof_sides(index, size - 1, len(proof))
+    if sides is None:
+        return False
+    r = leaf
+    for p, on_left in zip(proof, sides, strict=True):
+        r = node_hash(p, r) if on_left else node_hash(r, p)
+    return r == root
 
 
 def verify_consistency(old_size: int, size: int, old_root: bytes, root: bytes, proof: Sequence[bytes]) -> bool:
@@ -170,16 +181,13 @@ def verify_consistency(old_size: int, size: int, old_root: bytes, root: bytes, p
     fn, sn = old_size - 1, size - 1
     while fn & 1:
         fn, sn = fn >> 1, sn >> 1
+    sides = _proof_sides(fn, sn, len(path) - 1)
+    if sides is None:
+        return False
     fr = sr = path[0]
-    for c in path[1:]:
-        if sn == 0:
-            return False
-        if fn & 1 or fn == sn:
+    for c, on_left in zip(path[1:], sides, strict=True):
+        if on_left:
             fr, sr = node_hash(c, fr), node_hash(c, sr)
-            if not fn & 1:
-                while fn and not fn & 1:
-                    fn, sn = fn >> 1, sn >> 1
         else:
             sr = node_hash(sr, c)
-        fn, sn = fn >> 1, sn >> 1
-    return fr == old_root and sr == root and sn == 0
+    return fr == old_root and sr == root

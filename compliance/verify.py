@@ -27,10 +27,10 @@ import binascii
 import contextlib
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -98,6 +98,9 @@ class VerifyResult:
         return "\n".join([head, *(f"  - {p}" for p in self.problems)])
 
 
+_T = TypeVar("_T")
+
+
 class _Stop(Exception):
     """A problem after which nothing further can be checked."""
 
@@ -154,16 +157,26 @@ def _verify(result: VerifyResult, root: Path, pubkey: Any, since: Any) -> None:
                      problems)
 
 
-def _read_json(path: Path, what: str, problems: list[Problem]) -> Any:
+def _read_file(path: Path, read: Callable[[Path], _T], check: str, label: str, problems: list[Problem],
+               errors: Mapping[type[Exception], str]) -> _T:
+    """``read(path)``; when it raises one of ``errors`` (the first that matches, in order), the problem
+    ``errors[kind]`` (formatted with ``label`` and ``error``) under ``check``, and the checks stop."""
     try:
-        return json.loads(path.read_bytes())
-    except FileNotFoundError:
-        problems.append(Problem(None, "manifest", f"{what} {path.name} is missing"))
-    except OSError as e:
-        problems.append(Problem(None, "manifest", f"{what} {path.name} cannot be read: {e}"))
-    except ValueError as e:
-        problems.append(Problem(None, "manifest", f"{what} {path.name} is not JSON: {e}"))
+        return read(path)
+    except tuple(errors) as e:
+        message = next(m for kind, m in errors.items() if isinstance(e, kind))
+        problems.append(Problem(None, check, message.format(label=label, error=e)))
     raise _Stop
+
+
+_JSON_ERRORS = {FileNotFoundError: "{label} is missing", OSError: "{label} cannot be read: {error}",
+                ValueError: "{label} is not JSON: {error}"}
+_RECORDS_ERRORS = {OSError: "{label} cannot be read: {error}", RecordFileError: "{label} {error}"}
+
+
+def _read_json(path: Path, what: str, problems: list[Problem]) -> Any:
+    return _read_file(path, lambda p: json.loads(p.read_bytes()), "manifest", f"{what} {path.name}", problems,
+                      _JSON_ERRORS)
 
 
 def _read_manifest(root: Path, problems: list[Problem]) -> dict[str, Any]:
@@ -243,13 +256,7 @@ def _read_records(root: Path, manifest: Mapping[str, Any], problems: list[Proble
         problems.append(Problem(None, "manifest", f"unknown record format {manifest.get('record_format')!r} or "
                                                   f"records file {name!r}"))
         raise _Stop
-    try:
-        return fmt.read(root / name)
-    except OSError as e:
-        problems.append(Problem(None, "record", f"{name} cannot be read: {e}"))
-    except RecordFileError as e:
-        problems.append(Problem(None, "record", f"{name} {e}"))
-    raise _Stop
+    return _read_file(root / name, fmt.read, "record", name, problems, _RECORDS_ERRORS)
 
 
 def _read_proofs(root: Path, problems: list[Problem]) -> dict[str, Any]:

@@ -98,7 +98,7 @@ def _zip_dir(directory: Path) -> bytes:
 def export(body: AuditExportIn, request: Request) -> Response:
     """Sign a checkpoint and export the audit trail (all records, or a job's / a time range's with
     inclusion proofs). Verify the unzipped directory offline with ``fedtune audit verify DIR``."""
-    from fedtune.compliance.export import export_audit
+    from fedtune.coordinator.audit_export import export_audit
 
     key = _signing_key(request)
     since = _instant("since", body.since) if body.since else None
@@ -139,8 +139,8 @@ def verify(request: Request) -> VerifyOut:
     """Export the whole trail now and verify it as an auditor would offline (signature, chain,
     Merkle root, consistency with the newest earlier checkpoint), against this coordinator's key."""
     from fedtune.compliance.checkpoints import Checkpoint
-    from fedtune.compliance.export import export_audit
     from fedtune.compliance.verify import verify_export
+    from fedtune.coordinator.audit_export import export_audit
 
     key = _signing_key(request)
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,7 +177,8 @@ def _first_seq(problem: str) -> int | None:
 def processing(job_id: Annotated[str, Path_(pattern=ID_PATTERN)], request: Request,
                format: Annotated[Literal["json", "markdown"], Query()] = "json") -> Response:
     """A job's record of processing (purpose, data categories, parties, safeguards, retention)."""
-    from fedtune.compliance.reports import ReportNotFound, processing_markdown, processing_record
+    from fedtune.compliance.reports import processing_markdown
+    from fedtune.coordinator.reports import ReportNotFound, processing_record
 
     with read_session(request) as s:
         try:

@@ -67,7 +67,7 @@ def get_version(job_id: JobId, version: Version, request: Request) -> AdapterVer
 def lineage(job_id: JobId, version: Version, request: Request) -> dict[str, Any]:
     """The parent chain back to version 0: per version its round, contributing clients and the
     record-level epsilon each spent in that round, and the client-level epsilon if DP-FedAvg ran."""
-    from fedtune.compliance.reports import adapter_lineage
+    from fedtune.coordinator.reports import adapter_lineage
 
     with read_session(request) as s:
         _version_row(s, job_id, version)

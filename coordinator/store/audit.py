@@ -9,7 +9,9 @@ the same lock the record is hash-chained to the one before it (``prev_hash``, ``
 
 Checkpoints (:func:`sign_audit_checkpoint`) take the lock too, re-check the stored chain and the
 newest earlier checkpoint, then sign the RFC 6962 Merkle root of every record so far and record
-that they did with an ``audit.checkpoint_signed`` event, which the NEXT checkpoint covers.
+that they did with an ``audit.checkpoint_signed`` event, which the NEXT checkpoint covers. What a
+sound log is and how a checkpoint is signed is the log's logic, in :mod:`fedtune.compliance.audit_log`;
+this module is the storage it works through (:class:`StoredAuditLog`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,9 +27,15 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedtune.compliance.actions import check_action
+from fedtune.compliance.audit_log import (
+    AuditIntegrityError,
+    AuditSnapshot,
+    StoredCheckpoint,
+    read_checked_log,
+    seal_checkpoint,
+)
 from fedtune.compliance.canonical import GENESIS_HASH, canonical_json, canonical_record, chain_hash, format_timestamp
-from fedtune.compliance.chain import check_announced_roots, walk_chain
-from fedtune.compliance.checkpoints import Checkpoint, sign_checkpoint
+from fedtune.compliance.checkpoints import Checkpoint
 from fedtune.compliance.merkle import MerkleTree
 from fedtune.coordinator.store.models import AuditCheckpoint, AuditEvent
 
@@ -37,13 +44,18 @@ log = logging.getLogger(__name__)
 # An arbitrary constant naming fedtune's audit append lock among PostgreSQL advisory locks.
 _PG_AUDIT_LOCK_KEY = 0x66656474756E65  # "fedtune"
 
-CHECKPOINT_ACTOR_TYPE = "coordinator"
-CHECKPOINT_ACTOR_ID = "audit-log"
-
-
-class AuditIntegrityError(RuntimeError):
-    """The stored audit log no longer matches its own chain or an earlier signed checkpoint (it was
-    changed behind the append-only triggers); nothing is signed over it."""
+__all__ = [
+    "AuditIntegrityError",  # defined by the log's logic (compliance.audit_log), raised through this module
+    "StoredAuditLog",
+    "append_audit_event",
+    "audit_record",
+    "checkpoint_of",
+    "commit_audit_checkpoint",
+    "lock_audit_log",
+    "read_audit_log",
+    "sign_audit_checkpoint",
+    "snapshot_audit_log",
+]
 
 
 def append_audit_event(
@@ -160,52 +172,63 @@ def _lock_audit_log(session: Session) -> None:
         session.execute(text("DELETE FROM audit_events WHERE 0"))
 
 
+class StoredAuditLog:
+    """The audit log in the coordinator's store, as the log's logic reads and extends it
+    (:class:`fedtune.compliance.audit_log.AuditLogStorage`), and as an export reads it
+    (:class:`fedtune.compliance.audit_log.AuditLogSource`).
+
+    Args:
+        session: a session in the transaction that signs (and commits) checkpoints.
+        read: a read-only session (one snapshot of the store) that :meth:`snapshot` reads the log in,
+            so that ``session`` holds the append lock only to confirm it and sign.
+    """
+
+    def __init__(self, session: Session, *, read: Session | None = None) -> None:
+        self.session = session
+        self.read = read
+
+    def records(self) -> list[dict[str, Any]]:
+        return [audit_record(e) for e in self.session.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars()]
+
+    def newest_checkpoint(self) -> StoredCheckpoint | None:
+        row = self.session.execute(select(AuditCheckpoint).order_by(AuditCheckpoint.id.desc())
+                                   .limit(1)).scalar_one_or_none()
+        return StoredCheckpoint(id=row.id, checkpoint=checkpoint_of(row)) if row is not None else None
+
+    def lock(self) -> None:
+        lock_audit_log(self.session)
+
+    def record_hash(self, seq: int) -> str | None:
+        return self.session.execute(select(AuditEvent.record_hash).where(AuditEvent.seq == seq)).scalar_one_or_none()
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> StoredCheckpoint:
+        row = AuditCheckpoint(tree_size=checkpoint.tree_size, root_hash=checkpoint.root_hash,
+                              signed_at=checkpoint.signed_at, key_id=checkpoint.key_id, signature=checkpoint.signature)
+        self.session.add(row)
+        self.session.flush()
+        return StoredCheckpoint(id=row.id, checkpoint=checkpoint)
+
+    def append_record(self, *, action: str, actor_type: str, actor_id: str, resource_type: str,
+                      resource_id: str | None, outcome: str, context: dict[str, Any]) -> None:
+        append_audit_event(self.session, action=action, actor_type=actor_type, actor_id=actor_id,
+                           resource_type=resource_type, resource_id=resource_id, outcome=outcome, context=context)
+
+    def checkpoint_sizes(self) -> list[int]:
+        return list(self.session.execute(select(AuditCheckpoint.tree_size)).scalars())
+
+    def snapshot(self, signing_key: Ed25519PrivateKey, *, signed_at: datetime | None = None) -> AuditSnapshot:
+        return snapshot_audit_log(self.session, signing_key, signed_at=signed_at, read=self.read)
+
+
 def read_audit_log(session: Session) -> tuple[list[dict[str, Any]], MerkleTree]:
-    """Every record in seq order and the Merkle tree over their canonical bytes, after checking
-    the stored chain, the roots the log's checkpoint records state, and the newest checkpoint.
-    Take :func:`lock_audit_log` first when the result is signed or exported, so that no record is
-    appended in between.
+    """Every record in seq order and the Merkle tree over their canonical bytes, after checking the
+    stored log (:func:`fedtune.compliance.audit_log.read_checked_log`). Take :func:`lock_audit_log`
+    first when the result is signed or exported, so that no record is appended in between.
 
     Raises:
-        AuditIntegrityError: the chain breaks, a checkpoint record states a root the records no
-            longer give, or the first ``tree_size`` records of the newest stored checkpoint no
-            longer have its root.
+        AuditIntegrityError: the stored log is not sound.
     """
-    records = [audit_record(e) for e in session.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars()]
-    walk = walk_chain(records, complete=True)
-    if not walk.ok:
-        more = f" (and {len(walk.problems) - 1} more problems)" if len(walk.problems) > 1 else ""
-        raise AuditIntegrityError(f"the stored audit log is not sound: {walk.problems[0]}{more}")
-    tree = MerkleTree.from_leaves(leaf for leaf in walk.leaves if leaf is not None)
-    problem = check_announced_roots(records, tree)
-    if problem is not None:
-        raise AuditIntegrityError(f"the stored audit log is not sound: {problem}")
-    _check_newest_checkpoint(session, tree)
-    return records, tree
-
-
-def _check_newest_checkpoint(session: Session, tree: MerkleTree) -> None:
-    newest = session.execute(select(AuditCheckpoint).order_by(AuditCheckpoint.id.desc()).limit(1)).scalar_one_or_none()
-    if newest is None:
-        return
-    if newest.tree_size > tree.size:
-        raise AuditIntegrityError(f"checkpoint #{newest.id} covers {newest.tree_size} records, the log has only "
-                                  f"{tree.size}: records were deleted")
-    if tree.root(newest.tree_size).hex() != newest.root_hash:
-        raise AuditIntegrityError(f"records 1..{newest.tree_size} no longer have the Merkle root signed in "
-                                  f"checkpoint #{newest.id} at {format_timestamp(newest.signed_at)}: they were "
-                                  f"changed after it was signed")
-
-
-@dataclass(frozen=True)
-class AuditSnapshot:
-    """The log as a signed checkpoint covers it: its records (seq 1..tree_size), their Merkle tree,
-    the checkpoint row, and the tree sizes of every stored checkpoint (this one included)."""
-
-    records: list[dict[str, Any]]
-    tree: MerkleTree
-    checkpoint: AuditCheckpoint
-    checkpoint_sizes: list[int]
+    return read_checked_log(StoredAuditLog(session))
 
 
 def sign_audit_checkpoint(session: Session, signing_key: Ed25519PrivateKey, *,
@@ -227,7 +250,8 @@ def sign_audit_checkpoint(session: Session, signing_key: Ed25519PrivateKey, *,
     Raises:
         AuditIntegrityError: the stored log fails its own chain or the newest earlier checkpoint.
     """
-    return snapshot_audit_log(session, signing_key, signed_at=signed_at).checkpoint
+    snapshot = snapshot_audit_log(session, signing_key, signed_at=signed_at)
+    return session.get_one(AuditCheckpoint, snapshot.checkpoint.id)
 
 
 def snapshot_audit_log(session: Session, signing_key: Ed25519PrivateKey, *,
@@ -240,25 +264,8 @@ def snapshot_audit_log(session: Session, signing_key: Ed25519PrivateKey, *,
     hold every other writer (each request's audit record) for the time it takes to read it.
     """
     records, tree = read_audit_log(read if read is not None else session)
-    lock_audit_log(session)
-    if read is not None and records:
-        last = records[-1]
-        stored = session.execute(select(AuditEvent).where(AuditEvent.seq == last["seq"])).scalar_one_or_none()
-        if stored is None or stored.record_hash != last["record_hash"]:
-            raise AuditIntegrityError(f"audit record {last['seq']} changed while the log was read for a checkpoint")
-    checkpoint = sign_checkpoint(signing_key, tree.size, tree.root(), signed_at)
-    row = AuditCheckpoint(tree_size=checkpoint.tree_size, root_hash=checkpoint.root_hash,
-                          signed_at=checkpoint.signed_at, key_id=checkpoint.key_id, signature=checkpoint.signature)
-    session.add(row)
-    session.flush()
-    append_audit_event(session, action="audit.checkpoint_signed", actor_type=CHECKPOINT_ACTOR_TYPE,
-                       actor_id=CHECKPOINT_ACTOR_ID, resource_type="audit_checkpoint", resource_id=str(row.id),
-                       outcome="success", context={"tree_size": row.tree_size, "root_hash": row.root_hash,
-                                                   "key_id": row.key_id,
-                                                   "signed_at": format_timestamp(row.signed_at)})
-    # checkpoints signed meanwhile over a longer log are not this snapshot's to prove consistency with
-    sizes = sorted(m for m in set(session.execute(select(AuditCheckpoint.tree_size)).scalars()) if m <= tree.size)
-    return AuditSnapshot(records=records, tree=tree, checkpoint=row, checkpoint_sizes=sizes)
+    return seal_checkpoint(StoredAuditLog(session), records, tree, signing_key, signed_at=signed_at,
+                           confirm=read is not None)
 
 
 def commit_audit_checkpoint(sessions: sessionmaker[Session],

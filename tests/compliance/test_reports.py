@@ -10,13 +10,8 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from fedtune.cli import app
-from fedtune.compliance.reports import (
-    NOT_STATED,
-    ReportNotFound,
-    adapter_lineage,
-    processing_record,
-    report_markdown,
-)
+from fedtune.compliance.reports import NOT_STATED, report_markdown
+from fedtune.coordinator.reports import ReportNotFound, adapter_lineage, processing_record
 from fedtune.coordinator.rounds import run_job
 from fedtune.coordinator.store import AuditEvent, Job
 from fedtune_testing.accounting import reference_epsilon

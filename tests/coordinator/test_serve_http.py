@@ -20,9 +20,9 @@ import pytest
 from sqlalchemy import select
 
 from fedtune.compliance.checkpoints import load_coordinator_key
-from fedtune.compliance.export import export_audit
 from fedtune.compliance.verify import verify_export
 from fedtune.coordinator.api.auth import create_token
+from fedtune.coordinator.audit_export import export_audit
 from fedtune.coordinator.cli import ServeConfig, admin_api_server_options
 from fedtune.coordinator.store import AuditEvent, create_session_factory, create_store_engine
 from fedtune.coordinator.superlink import free_port, venv_bin
