@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fedtune.client_agent.config import AgentConfig, AgentConfigError
+from fedtune.client_agent.config import THREADS_ENV, AgentConfig, AgentConfigError
 from fedtune.client_agent.ledger import LEDGER_FILE, BudgetExceeded, PlannedRun, PrivacyLedger
 from fedtune.compliance.signing import encode_public_key, generate_signing_key, save_private_key
 
@@ -151,8 +151,8 @@ def _run_agent(cfg: AgentConfig) -> int:
     agent: AgentProcesses | None = None
     try:
         t = time.monotonic()
-        threads = cfg.threads or int(os.environ.get("FEDTUNE_AGENT_THREADS", 0)) or os.cpu_count() or 1
-        os.environ["FEDTUNE_AGENT_THREADS"] = str(threads)  # the daemon's torch threads (it inherits the environment)
+        threads = cfg.threads or int(os.environ.get(THREADS_ENV, 0)) or os.cpu_count() or 1
+        os.environ[THREADS_ENV] = str(threads)  # the daemon's torch threads (it inherits the environment)
         agent = start_agent(client_id=cfg.client_id, base=cfg.base, key=cfg.signing_key, data=cfg.data,
                             state_dir=cfg.state_dir, budget_epsilon=cfg.budget_epsilon,
                             budget_delta=cfg.budget_delta, dataset_id=cfg.dataset, device=cfg.device, wait=False)

@@ -36,6 +36,9 @@ DEVICES = ("cpu", "cuda")
 CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # the coordinator's client id pattern
 _LOOPBACK_NAMES = ("localhost",)
 
+# The daemon's torch threads when agent.toml sets none (`fedtune agent run` sets it for its daemon).
+THREADS_ENV = "FEDTUNE_AGENT_THREADS"
+
 
 class AgentConfigError(ValueError):
     """agent.toml is unreadable, incomplete, or names something that is not there."""

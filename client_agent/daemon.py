@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from fedtune.client_agent.config import THREADS_ENV
 from fedtune.client_agent.data import Record, data_digest, load_records
 from fedtune.client_agent.ledger import LEDGER_FILE, BudgetExceeded, PlannedRun, PrivacyLedger
 from fedtune.client_agent.privacy import JobBudgetExhausted, PrivacyConfig, plan_job_round
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # force: an imported library may have set up the root logger already (the log then stayed empty)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
-    torch.set_num_threads(max(1, int(os.environ.get("FEDTUNE_AGENT_THREADS", "1"))))
+    torch.set_num_threads(max(1, int(os.environ.get(THREADS_ENV, "1"))))
     agent = Agent(AgentSettings(client_id=args.client_id, base_path=args.base, key_path=args.key,
                                 data_path=args.data, state_dir=args.state_dir, dataset_id=args.dataset_id,
                                 budget_epsilon=args.budget_epsilon, budget_delta=args.budget_delta,

@@ -8,7 +8,6 @@ The store (and SQLAlchemy) is imported when a command runs, not when the ``fedtu
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -16,11 +15,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from fedtune.compliance.cli import KeyFile, cli_error, load_key_or_exit
+from fedtune.coordinator.settings import CoordinatorSettings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-DATABASE_URL_ENV = "FEDTUNE_DATABASE_URL"
+DATABASE_URL_ENV = CoordinatorSettings.env_name("database_url")
 CLI_ACTOR = ("cli", "fedtune-audit")
 
 DatabaseUrl = Annotated[str | None, typer.Option("--database-url", help=f"The coordinator's store (default: "
@@ -30,7 +30,7 @@ DatabaseUrl = Annotated[str | None, typer.Option("--database-url", help=f"The co
 def _sessions(database_url: str | None) -> sessionmaker[Session]:
     from fedtune.coordinator.store import create_session_factory, create_store_engine
 
-    url = database_url or os.environ.get(DATABASE_URL_ENV)
+    url = database_url or CoordinatorSettings().database_url
     if not url:
         raise cli_error(f"no database: pass --database-url or set {DATABASE_URL_ENV}")
     try:

@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedtune.coordinator.http_limits import MAX_REQUEST_HEAD_BYTES, request_read_timeout_protocol
+from fedtune.coordinator.settings import CoordinatorSettings
 
 if TYPE_CHECKING:
     from fedtune.coordinator.api.refusals import RefusalPolicy
@@ -52,7 +53,7 @@ console = Console()
 err = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger(__name__)
 
-DATABASE_ENV = "FEDTUNE_DATABASE_URL"
+DATABASE_ENV = CoordinatorSettings.env_name("database_url")
 DatabaseUrl = Annotated[str | None, typer.Option(help=f"Store URL (SQLite or PostgreSQL); default ${DATABASE_ENV} or "
                                                       "sqlite:///DATA_DIR/coordinator.db.")]
 DataDir = Annotated[Path, typer.Option(help="Where blobs, keys, Flower state and logs live.")]
@@ -145,7 +146,8 @@ class ServeConfig:
         return cls(**out)
 
     def url(self) -> str:
-        return self.database_url or os.environ.get(DATABASE_ENV) or f"sqlite:///{(self.data_dir / 'coordinator.db')}"
+        return (self.database_url or CoordinatorSettings().database_url
+                or f"sqlite:///{(self.data_dir / 'coordinator.db')}")
 
     def tls_files(self) -> TlsFiles | None:
         """The coordinator's TLS files (admin API, fleet gateway, SuperLink), or None without TLS.
@@ -283,12 +285,12 @@ def run_coordinator(cfg: ServeConfig) -> None:
     data.mkdir(parents=True, exist_ok=True)
     blob_key_file = _key_file(cfg.blob_key_file, data / "keys" / "blob.key", _write_blob_key)
     signing_key_file = _key_file(cfg.signing_key_file, data / "keys" / "coordinator.pem", _write_signing_key)
-    env = {"FEDTUNE_DATABASE_URL": cfg.url(), "FEDTUNE_BLOB_DIR": str(data / "blobs"),
-           "FEDTUNE_BLOB_KEY_FILE": str(blob_key_file), "FEDTUNE_COORDINATOR_KEY_FILE": str(signing_key_file)}
+    env = CoordinatorSettings(database_url=cfg.url(), blob_dir=data / "blobs", blob_key_file=blob_key_file,
+                              coordinator_key_file=signing_key_file).to_env()  # the ServerApp's (server_app.py)
     sessions = _sessions(cfg.url())
     signing_key = load_coordinator_key(signing_key_file)
     ctx = CoordinatorContext(sessions=sessions, blob_dir=data / "blobs",
-                             blob_key=load_blob_key({"FEDTUNE_BLOB_KEY_FILE": str(blob_key_file)}),
+                             blob_key=load_blob_key(env),
                              signing_key=signing_key)
     catalog = BaseCatalog.from_paths(cfg.bases)
     for digest, path in catalog.paths.items():

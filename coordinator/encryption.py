@@ -26,8 +26,10 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-BLOB_KEY_ENV = "FEDTUNE_BLOB_KEY"
-BLOB_KEY_FILE_ENV = "FEDTUNE_BLOB_KEY_FILE"
+from fedtune.coordinator.settings import CoordinatorSettings
+
+BLOB_KEY_ENV = CoordinatorSettings.env_name("blob_key")
+BLOB_KEY_FILE_ENV = CoordinatorSettings.env_name("blob_key_file")
 KEY_BYTES = 32
 NONCE_BYTES = 12
 MAGIC = b"FTB1"

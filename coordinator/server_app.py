@@ -1,13 +1,10 @@
 """The Flower ServerApp: adapts Flower's Grid to the round engine's transport and runs the job.
 
-Config comes from the SuperLink's environment (inherited by ``flwr-serverapp``) and the run config:
+Config comes from the SuperLink's environment (inherited by ``flwr-serverapp``; the store, the blobs, their
+key, the checkpoint key: :class:`fedtune.coordinator.settings.CoordinatorSettings`, read once) and the run
+config:
 
-* ``FEDTUNE_DATABASE_URL``: the coordinator's store (SQLite or PostgreSQL URL);
-* ``FEDTUNE_BLOB_DIR``: where encrypted adapter blobs live;
-* ``FEDTUNE_BLOB_KEY`` or ``FEDTUNE_BLOB_KEY_FILE``: the blob key (see ``encryption.py``);
-* ``FEDTUNE_COORDINATOR_KEY_FILE`` (optional): the Ed25519 key that signs an audit checkpoint after
-  every round (``fedtune.compliance.checkpoints``);
-* run config ``job-id`` (``flwr run ... --run-config "job-id='job-1'"``), or ``FEDTUNE_JOB_ID``;
+* run config ``job-id`` (``flwr run ... --run-config "job-id='job-1'"``), else the settings' ``job_id``;
 * run config ``node-wait-s`` (default 60): how long the first round waits for SuperNodes to connect;
 * run config ``expected-nodes`` (default 0: as many as the job lists clients, else 1): how many it waits for;
 * run config ``poll-s`` (default 0.1): how often replies are pulled (Flower's own ``send_and_receive``
@@ -31,10 +28,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -43,6 +38,7 @@ from fedtune.compliance.checkpoints import configured_coordinator_key
 from fedtune.compliance.wire import HELLO_KEY, TrainInstruction, instruction_to_record_dict
 from fedtune.coordinator.encryption import load_blob_key
 from fedtune.coordinator.rounds import CoordinatorContext, FromNode, Reply, run_job
+from fedtune.coordinator.settings import CoordinatorSettings
 from fedtune.coordinator.store import create_session_factory, create_store_engine
 from fedtune.coordinator.validation import Rejected, RejectReason, decode_reply
 
@@ -252,15 +248,13 @@ def registered_nodes(ctx: CoordinatorContext) -> Callable[[], dict[str, int | No
     return read
 
 
-def context_from_env() -> CoordinatorContext:
-    """The store, blob dir and key from the environment (see the module docstring)."""
-    url = os.environ.get("FEDTUNE_DATABASE_URL")
-    blob_dir = os.environ.get("FEDTUNE_BLOB_DIR")
-    if not url or not blob_dir:
-        raise ValueError("the ServerApp needs FEDTUNE_DATABASE_URL and FEDTUNE_BLOB_DIR in the SuperLink's environment")
-    engine = create_store_engine(url)
-    return CoordinatorContext(sessions=create_session_factory(engine, immediate=True), blob_dir=Path(blob_dir),
-                              blob_key=load_blob_key(), signing_key=configured_coordinator_key())
+def context_from_env(settings: CoordinatorSettings | None = None) -> CoordinatorContext:
+    """The store, blob dir and keys from the environment (``settings``: read once by the caller)."""
+    settings = settings or CoordinatorSettings()
+    settings.require("database_url", "blob_dir", who="the ServerApp (it inherits the SuperLink's environment)")
+    engine = create_store_engine(settings.database_url)
+    return CoordinatorContext(sessions=create_session_factory(engine, immediate=True), blob_dir=settings.blob_dir,
+                              blob_key=load_blob_key(settings.to_env()), signing_key=configured_coordinator_key())
 
 
 def short_object_backoff() -> None:
@@ -281,10 +275,12 @@ def main(grid: Grid, context: Context) -> None:
     """Run the job named by the run config until it has all its versions or fails."""
     logging.basicConfig(level=logging.INFO)
     short_object_backoff()
-    job_id = str(context.run_config.get("job-id") or os.environ.get("FEDTUNE_JOB_ID") or "")
+    settings = CoordinatorSettings()
+    job_id = str(context.run_config.get("job-id") or settings.job_id)
     if not job_id:
-        raise ValueError("no job id: pass --run-config \"job-id='...'\" to flwr run, or set FEDTUNE_JOB_ID")
-    ctx = context_from_env()
+        raise ValueError(f"no job id: pass --run-config \"job-id='...'\" to flwr run, or set "
+                         f"{settings.env_name('job_id')}")
+    ctx = context_from_env(settings)
     from fedtune.coordinator.rounds import JobPlan
     from fedtune.coordinator.store import Job
 
@@ -301,7 +297,7 @@ def main(grid: Grid, context: Context) -> None:
     results = run_job(ctx, job_id, transport, run_id=str(grid.run.run_id) if hasattr(grid, "run") else None)
     for r in results:
         r.upload_bytes = transport.upload_by_round.get(r.number, {})
-    metrics_file = os.environ.get("FEDTUNE_ROUND_METRICS_FILE")  # benchmarks/round.py reads it
+    metrics_file = settings.round_metrics_file  # benchmarks/round.py reads it
     for r in results:
         log.info("fedtune round %d: %s version=%s timings=%s", r.number, r.status, r.version,
                  {k: round(v, 3) for k, v in r.timings.items()})

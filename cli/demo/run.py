@@ -30,6 +30,7 @@ from rich.table import Table
 from fedtune.cli.demo.evaluate import Metrics, evaluate
 from fedtune.cli.demo.sites import Site, demo_sites, write_site_data
 from fedtune.cli.demo.stack import Child, Stack, fedtune_bin, healthy, wait_until, write_toml
+from fedtune.client_agent.config import THREADS_ENV
 from fedtune.coordinator.superlink import free_port
 
 console = Console()
@@ -336,7 +337,7 @@ def run_demo(opts: DemoOptions) -> Results:
             run.child = Child.start(run.site.client_id, [fedtune_bin(), "agent", "run", "--config",
                                                          str(run.root / "agent.toml")],
                                     run_dir / "logs" / f"{run.site.client_id}.log",
-                                    env={"FEDTUNE_AGENT_THREADS": "1"})
+                                    env={THREADS_ENV: "1"})
             stack.agents.append(run.child)
         res.seconds["setup"] = time.monotonic() - t0
 

@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import os
-
 from alembic import context
 
+from fedtune.coordinator.settings import CoordinatorSettings
 from fedtune.coordinator.store.engine import create_store_engine
 from fedtune.coordinator.store.models import Base
 
@@ -30,9 +29,10 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    url = config.get_main_option("sqlalchemy.url") or os.environ.get("FEDTUNE_DATABASE_URL")
+    url = config.get_main_option("sqlalchemy.url") or CoordinatorSettings().database_url
     if not url:
-        raise ValueError("no database: set FEDTUNE_DATABASE_URL or pass a connection to upgrade_database")
+        raise ValueError(f"no database: set {CoordinatorSettings.env_name('database_url')} or pass a connection to "
+                         "upgrade_database")
     engine = create_store_engine(url)
     try:
         with engine.begin() as connection:
