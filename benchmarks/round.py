@@ -14,7 +14,7 @@
      ``poll-s``), the warm ClientApp (``client_agent/flower_node.py``) and its hop to the daemon;
      ``discovery`` is shown apart;
    * coordinator validate + aggregate + persist (``RoundResult.timings``).
-2. Bytes uploaded per client per round: measured on the wire (the ArrayRecords of each accepted
+2. Bytes uploaded per client per round: measured on the wire (the adapter bytes of each accepted
    reply, as the ServerApp counts them) for both jobs; the safetensors size of the same adapter, and
    of the adapter on the larger ``small`` preset, next to the base checkpoint (int4 and float).
 3. CPU seconds per round by process (Linux ``/proc``, sampled every 0.25 s over each job's run: the
@@ -293,7 +293,7 @@ def report(rounds: list[dict], sizes: dict[str, dict[str, int]], reload: dict[st
     out.append(table("Bytes uploaded per client per round (LoRA rank 8 on the attention projections)",
                      ["base", "what", "reply tensors (ServerApp)", "Flower inbound traffic", "safetensors bytes",
                       "/ int4 base", "/ float base"], size_rows))
-    out.append("reply tensors: the ArrayRecord bytes of each accepted reply as the ServerApp received them; "
+    out.append("reply tensors: the adapter bytes of each accepted reply as the ServerApp received them; "
                "Flower inbound traffic: the SuperLink's count of bytes from SuperNodes for the run (all messages, "
                "hello replies and framing included) / (clients x rounds)")
 

@@ -35,7 +35,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.compliance.checkpoints import configured_coordinator_key
-from fedtune.compliance.wire import HELLO_KEY, TrainInstruction, instruction_to_record_dict
+from fedtune.compliance.wire import ADAPTER_FIELD, HELLO_KEY, REPLY_KEY, TrainInstruction, instruction_to_record_dict
 from fedtune.coordinator.encryption import load_blob_key
 from fedtune.coordinator.rounds import CoordinatorContext, FromNode, Reply, run_job
 from fedtune.coordinator.settings import CoordinatorSettings
@@ -139,7 +139,7 @@ def interpret_reply(reply: Message, node_of: Mapping[str, int]) -> tuple[FromNod
                                                              f"not its node")
     size = None
     if claimed is not None and not isinstance(decoded, Rejected):
-        size = sum(len(a.data) for rec in reply.content.array_records.values() for a in rec.values())
+        size = len(reply.content.config_records[REPLY_KEY][ADAPTER_FIELD])
     return FromNode(decoded, node), size
 
 

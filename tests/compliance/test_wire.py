@@ -208,13 +208,20 @@ def test_a_version_1_reply_is_refused_naming_both_versions():
 def test_a_version_2_reply_with_its_loss_metric_is_refused_naming_both_versions():
     """Version 3 dropped version 2's constant ``loss`` metric: a v2 agent gets the version refusal, not an
     unknown-metric one."""
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
     from fedtune.coordinator.validation import RejectReason, decode_reply
 
-    content = reply_to_record_dict(sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(),
-                                                    records=10, epsilon=1.0, delta=1e-6, **MECHANISM,
-                                                    private_key=generate_signing_key()))
-    content.config_records["fedtune.reply"]["protocol_version"] = 2
-    content.metric_records["fedtune.metrics"]["loss"] = 0.0
+    v3 = reply_to_record_dict(sign_train_reply(_instruction(), client_id="bank-a", tensors=_adapter(), records=10,
+                                               epsilon=1.0, delta=1e-6, **MECHANISM,
+                                               private_key=generate_signing_key())).config_records["fedtune.reply"]
+    # version 2's layout: the adapter in an ArrayRecord, the metrics (with loss) in a MetricRecord
+    data = v3.pop("adapter_safetensors")
+    del v3["metrics_json"]
+    v3["protocol_version"] = 2
+    content = RecordDict({"fedtune.adapter": ArrayRecord({"safetensors": Array(dtype="uint8", shape=(len(data),),
+                                                                                stype="safetensors", data=data)}),
+                          "fedtune.metrics": MetricRecord({"loss": 0.0, "records": 10}), "fedtune.reply": v3})
     with pytest.raises(ProtocolVersionError, match="peer speaks wire protocol 2, this side speaks 3"):
         reply_from_record_dict(content)
     assert decode_reply(content).reason_code == RejectReason.PROTOCOL_VERSION

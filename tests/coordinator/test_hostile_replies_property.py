@@ -5,6 +5,7 @@ exception escapes ``run_round``, and every round leaves its round row and audit 
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
@@ -44,10 +45,9 @@ def _arbitrary_reply(ins, spec):
                                  accountant=spec["accountant"], attempts=tuple(spec["attempts"]),
                                  private_key=KEYS[spec["signed_by"]])
         content = reply_to_record_dict(reply)
-        metrics = content.metric_records["fedtune.metrics"]
-        metrics["loss"] = spec["loss"]
-        for key, value in spec["metrics"].items():
-            metrics[key] = value
+        record = content.config_records["fedtune.reply"]
+        metrics = {**json.loads(record["metrics_json"]), "loss": spec["loss"], **spec["metrics"]}
+        record["metrics_json"] = json.dumps(metrics)
     except (WireError, OverflowError, TypeError, ValueError, struct.error):  # not encodable: nothing to send
         assume(False)
     return decode_reply(content)

@@ -176,10 +176,10 @@ def test_undecodable_message_is_rejected_as_malformed():
     from flwr.app import ConfigRecord, RecordDict
 
     content = reply_to_record_dict(_reply())
-    del content.array_records["fedtune.adapter"]
+    del content.config_records["fedtune.reply"]["adapter_safetensors"]
     outcome = decode_reply(content)
     assert outcome == Rejected("bank-a", RejectReason.MALFORMED, outcome.message)
-    assert "fedtune.adapter" in outcome.message
+    assert "adapter_safetensors" in outcome.message
     assert decode_reply(RecordDict({"x": ConfigRecord({"a": 1})})).reason_code == RejectReason.MALFORMED
     good = decode_reply(reply_to_record_dict(_reply()))
     assert isinstance(_check(good), Accepted)
