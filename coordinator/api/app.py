@@ -9,8 +9,8 @@ beyond an origin's limit (below):
   leaves only after that record committed (no read is served unaudited).
 
 Reads do not take the store's write lock: the token lookup and every handler that only reads use
-:func:`read_session` (a deferred transaction: on SQLite in WAL mode one snapshot, concurrent with
-writers). Handlers that write use ``ctx.sessions.begin()`` (``BEGIN IMMEDIATE`` on SQLite). So a
+a deferred transaction (:data:`~.deps.ReadSessionDep`: on SQLite in WAL mode one snapshot, concurrent
+with writers). Handlers that write use ``ctx.sessions.begin()`` (``BEGIN IMMEDIATE`` on SQLite). So a
 read waits for a writer only for its one-row audit append, not for its lookups and queries.
 
 Refused requests (401, 403) are limited per origin (:mod:`.refusals`): the first ``limit`` of an
@@ -23,8 +23,10 @@ Not audited: ``/healthz`` (liveness probes would drown the trail), the OpenAPI d
 (empty) ``/favicon.ico`` a browser asks for with every page it shows. The web console's own routes
 (``/console``) audit their sign-ins themselves (:mod:`fedtune.coordinator.console.routes`).
 
-A request is matched to its route (and so to its action) before it runs, so the body-size limit
-and authorization are decided in one place, before any handler sees the request. Every response
+A request is matched to its route (:mod:`.routes`) and so to its action, the route's ``name=``, before it
+runs, so the body-size limit and authorization (the roles of the action's entry in
+:data:`fedtune.compliance.actions.API_ROUTE_ACTIONS`) are decided in one place, before any handler sees
+the request. Every response
 carries ``X-Content-Type-Options: nosniff`` (:class:`SecurityHeaders`).
 """
 
@@ -35,32 +37,28 @@ import contextlib
 import logging
 import re
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fedtune.coordinator.api.auth import Actor, allowed, authenticate
-from fedtune.coordinator.api.refusals import Burst, RefusalLimiter, Verdict
-from fedtune.coordinator.console.sessions import BACKGROUND_HEADER, COOKIE, CSRF_HEADER, ConsoleSessions, csrf_matches
-from fedtune.coordinator.rounds import CoordinatorContext
+from fedtune.coordinator.api.config import ApiSettings
+from fedtune.coordinator.api.deps import API_PREFIX
+from fedtune.coordinator.api.error_handlers import install_error_handlers
+from fedtune.coordinator.api.refusals import Burst, Verdict
+from fedtune.coordinator.api.request_audit import append_request_record, outcome_of
+from fedtune.coordinator.console.sessions import BACKGROUND_HEADER, COOKIE, CSRF_HEADER, csrf_matches
 from fedtune.coordinator.store import append_audit_event
-from fedtune.coordinator.store.engine import read_session_factory
+
+__all__ = ["API_PREFIX", "ApiSettings", "create_app"]
 
 log = logging.getLogger(__name__)
 
-API_PREFIX = "/api/v1"
 UNAUDITED_PATHS = ("/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/favicon.ico")
 CONSOLE_PREFIX = "/console"  # the web console's pages audit their own sign-ins (coordinator/console)
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -68,83 +66,6 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SWEEP_INTERVAL_S = 1.0
 """How often the lifespan's sweeper writes the bursts of closed windows."""
 BURST_ACTOR = ("coordinator", "admin-api")
-
-
-@dataclass
-class ApiSettings:
-    """What the API serves from.
-
-    Attributes:
-        ctx: store, blob directory and blob key (the round engine's context).
-        catalog: the bases the coordinator knows (job creation, adapter download); None: jobs
-            cannot be created here.
-        signing_key: the coordinator's Ed25519 key for audit checkpoints (None: export and
-            checkpoint endpoints answer 409).
-        max_page_size: the largest ``limit`` a list endpoint takes.
-        max_body_bytes: the largest request body (413 above it).
-        refusals: the per-origin limit on refused requests (:mod:`.refusals`).
-        console: the web console's signed-in sessions (:mod:`fedtune.coordinator.console`).
-        secure_cookies: mark the console's cookies ``Secure`` (the API is served over TLS); they are
-            also marked on any request that arrived over HTTPS.
-    """
-
-    ctx: CoordinatorContext
-    catalog: Any = None
-    signing_key: Any = None
-    max_page_size: int = 200
-    max_body_bytes: int = 1 << 20
-    refusals: RefusalLimiter = field(default_factory=RefusalLimiter)
-    console: ConsoleSessions = field(default_factory=ConsoleSessions)
-    secure_cookies: bool = False
-    requests: Counter = field(default_factory=Counter)  # (action, outcome) -> count, for /metrics
-
-    @cached_property
-    def read_sessions(self) -> sessionmaker[Session]:
-        """Sessions on ``ctx``'s store whose transactions begin deferred: for requests that only read."""
-        return read_session_factory(self.ctx.sessions)
-
-
-def settings_of(request: Request) -> ApiSettings:
-    return request.app.state.settings
-
-
-def read_session(request: Request) -> Session:
-    """A session for a handler that only reads (``with read_session(request) as s:``): its transaction
-    begins deferred, so it neither waits for nor blocks a writer. Never write through it."""
-    return settings_of(request).read_sessions()
-
-
-def actor_of(request: Request) -> Actor:
-    return request.state.actor
-
-
-def record_change(request: Request, session: Session, *, resource_type: str, resource_id: str | None,
-                  context: dict[str, Any] | None = None) -> None:
-    """The request's audit record, written by a handler inside the transaction of its change."""
-    _append(request, session, outcome="success", reason=None, resource_type=resource_type,
-            resource_id=resource_id, context=context)
-    request.state.audited = True
-
-
-def _append(request: Request, session: Session, *, outcome: str, reason: str | None, resource_type: str,
-            resource_id: str | None, context: dict[str, Any] | None) -> None:
-    actor: Actor = getattr(request.state, "actor", None) or Actor.anonymous()
-    client = request.client
-    append_audit_event(session, action=request.state.action, actor_type=actor.actor_type, actor_id=actor.actor_id,
-                       actor_role=actor.role, resource_type=resource_type, resource_id=resource_id,
-                       outcome=outcome, reason_code=reason, origin=f"{client.host}" if client else None,
-                       request_id=request.state.request_id,
-                       context={"method": request.method, "path": request.url.path[:200],
-                                **({"via": "console"} if getattr(request.state, "via", None) == "console" else {}),
-                                **(context or {})})
-
-
-def _outcome(status: int) -> tuple[str, str | None]:
-    if status < 400:
-        return "success", None
-    if status in (401, 403):
-        return "denied", "unauthenticated" if status == 401 else "forbidden"
-    return "failure", f"http_{status}"
 
 
 class BodyLimit:
@@ -215,16 +136,16 @@ class SecurityHeaders:
 
 def create_app(settings: ApiSettings) -> FastAPI:
     """The FastAPI application (serve it with uvicorn; ``fedtune coordinator serve`` does)."""
-    from fedtune.coordinator.api import routes_audit, routes_federation, routes_models
+    from fedtune.coordinator.api.routes import ROUTERS
 
     app = FastAPI(title="fedtune coordinator admin API", version="1", lifespan=_write_bursts_while_serving,
                   description="Clients, jobs, rounds, adapters, privacy budgets and the audit trail. Bearer tokens "
                               "(`fedtune coordinator token create`), roles admin / operator / auditor.")
     app.state.settings = settings
-    api_routes = []
-    for module in (routes_federation, routes_models, routes_audit):
-        app.include_router(module.router)
-        api_routes += [r for r in module.router.routes if isinstance(r, APIRoute)]
+    api_routes: list[APIRoute] = []
+    for router in ROUTERS:
+        app.include_router(router)
+        api_routes += [r for r in router.routes if isinstance(r, APIRoute)]
 
     from fedtune.coordinator.console import routes as console_routes
 
@@ -238,17 +159,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     def favicon() -> Response:  # a browser asks for one with every page it shows (a JSON response too): no record
         return Response(status_code=204)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        first = errors[0] if errors else {"field": "?", "message": "invalid request"}
-        return JSONResponse(status_code=422, content=jsonable_encoder(
-            {"detail": f"{first['field']}: {first['message']}", "errors": errors}))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail},
-                            headers=getattr(exc, "headers", None))
+    install_error_handlers(app)
 
     @app.middleware("http")
     async def audit_and_authorize(request: Request, call_next):
@@ -415,13 +326,14 @@ async def _write_bursts_while_serving(app: FastAPI):
 
 async def _finish(settings: ApiSettings, request: Request, response, resource_type: str,
                   reason: str | None):
-    outcome, default_reason = _outcome(response.status_code)
+    outcome, default_reason = outcome_of(response.status_code)
     settings.requests[(request.state.action, outcome)] += 1
     if not request.state.audited:
         def write() -> None:
             with settings.ctx.sessions.begin() as s:
-                _append(request, s, outcome=outcome, reason=reason or default_reason, resource_type=resource_type,
-                        resource_id=request.state.resource_id, context={"status": response.status_code})
+                append_request_record(request, s, outcome=outcome, reason=reason or default_reason,
+                                      resource_type=resource_type, resource_id=request.state.resource_id,
+                                      context={"status": response.status_code})
         await run_in_threadpool(write)
     await write_closed_bursts(settings)
     response.headers["X-Request-ID"] = request.state.request_id

@@ -2,8 +2,9 @@
 
 Tokens are ``ftk_`` + 32 random bytes (URL-safe base64), shown once when created; the store keeps
 only their SHA-256 (a token has 256 bits of entropy, so a plain hash cannot be brute-forced and
-lookups stay constant-time by hash). Deny by default: an action missing from :data:`PERMISSIONS`
-is allowed to nobody.
+lookups stay constant-time by hash). Who may do what is not written here: :data:`PERMISSIONS` is
+derived from :data:`fedtune.compliance.actions.API_ROUTE_ACTIONS`, the one table of the API's actions
+(description and roles). Deny by default: an action missing from it is allowed to nobody.
 """
 
 from __future__ import annotations
@@ -16,48 +17,14 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from fedtune.compliance.actions import API_ROUTE_ACTIONS
 from fedtune.coordinator.store import ApiToken, append_audit_event
 from fedtune.coordinator.store.models import TOKEN_ROLES
 
 TOKEN_PREFIX = "ftk_"
 
-ALL = frozenset(TOKEN_ROLES)
-ADMIN_OPERATOR = frozenset({"admin", "operator"})
-ADMIN_AUDITOR = frozenset({"admin", "auditor"})
-
-# action -> roles allowed. Operators run the federation; auditors read everything but adapter
-# weights and change nothing; only auditors and admins read, export and verify the audit trail.
-PERMISSIONS: dict[str, frozenset[str]] = {
-    "client.register": ADMIN_OPERATOR,
-    "client.list": ALL,
-    "client.get": ALL,
-    "client.revoke": ADMIN_OPERATOR,
-    "client.rotate_keys": ADMIN_OPERATOR,
-    "job.create": ADMIN_OPERATOR,
-    "job.list": ALL,
-    "job.get": ALL,
-    "job.start": ADMIN_OPERATOR,
-    "job.pause": ADMIN_OPERATOR,
-    "job.resume": ADMIN_OPERATOR,
-    "job.abort": ADMIN_OPERATOR,
-    "round.list": ALL,
-    "suspension.list": ALL,
-    "suspension.lift": ADMIN_OPERATOR,
-    "adapter.list": ALL,
-    "adapter.get": ALL,
-    "adapter.lineage": ALL,
-    "adapter.download": ADMIN_OPERATOR,
-    "adapter.promote": ADMIN_OPERATOR,
-    "adapter.rollback": ADMIN_OPERATOR,
-    "privacy.ledger": ALL,
-    "privacy.budget": ALL,
-    "audit.query": ADMIN_AUDITOR,
-    "audit.export": ADMIN_AUDITOR,
-    "audit.verify": ADMIN_AUDITOR,
-    "audit.checkpoints": ADMIN_AUDITOR,
-    "report.processing": ADMIN_AUDITOR,
-    "metrics.read": ADMIN_OPERATOR,
-}
+# action -> roles allowed, from the one table of the API's actions (its description is there too).
+PERMISSIONS: dict[str, frozenset[str]] = {action: entry.roles for action, entry in API_ROUTE_ACTIONS.items()}
 
 
 @dataclass(frozen=True)
@@ -118,16 +85,16 @@ def authenticate(session: Session, authorization: str | None) -> tuple[Actor | N
     if scheme.lower() != "bearer" or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None, "invalid_token"
     row = session.execute(select(ApiToken).where(ApiToken.token_hash == hash_token(token.strip()))).scalar_one_or_none()
-    if row is None:
-        return None, "invalid_token"
-    if row.revoked_at is not None:
-        return None, "revoked_token"
-    return Actor("token", f"token:{row.id}", row.role), None
+    return _valid_actor(row)
 
 
 def authenticate_token_id(session: Session, token_id: int) -> tuple[Actor | None, str | None]:
     """(actor, None) while the token a console session was opened with is still valid, else (None, reason)."""
-    row = session.get(ApiToken, token_id)
+    return _valid_actor(session.get(ApiToken, token_id))
+
+
+def _valid_actor(row: ApiToken | None) -> tuple[Actor | None, str | None]:
+    """The token row's actor while it is valid, else (None, reason)."""
     if row is None:
         return None, "invalid_token"
     if row.revoked_at is not None:
