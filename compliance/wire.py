@@ -507,6 +507,15 @@ def _tensors_from_record(record: Any) -> dict[str, torch.Tensor]:
     return decode_tensors(_field(record, ADAPTER_FIELD, bytes))
 
 
+def _parse_json(text: str, what: str) -> Any:
+    """``text`` as JSON. Whatever a peer sends fails as a WireError: malformed text, a number past Python's
+    integer digit limit (a plain ValueError) or nesting past the recursion limit (RecursionError)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
+        raise WireError(f"{what} not JSON: {str(e)[:200]}") from e
+
+
 def _get(mapping: Any, key: str, what: str) -> Any:
     try:
         return mapping[key]
@@ -555,10 +564,7 @@ def instruction_from_record_dict(content: RecordDict) -> TrainInstruction:
     """
     record = _get(content.config_records, INSTRUCTION_KEY, "config record")
     _check_version(record)
-    try:
-        config = json.loads(_field(record, "config_json", str))
-    except json.JSONDecodeError as e:
-        raise WireError(f"instruction config is not JSON: {e}") from e
+    config = _parse_json(_field(record, "config_json", str), "instruction config is")
     if not isinstance(config, dict):
         raise WireError("instruction config must be a JSON object")
     return TrainInstruction(
@@ -630,10 +636,7 @@ def reply_from_record_dict(content: RecordDict) -> TrainReply | Refusal:
         attempts=_attempts_from_json(_field(record, "attempts_json", str)),
         signature=_field(record, "signature", bytes),
     )
-    try:
-        metrics = json.loads(_field(record, METRICS_FIELD, str))
-    except json.JSONDecodeError as e:
-        raise WireError(f"reply metrics are not JSON: {e}") from e
+    metrics = _parse_json(_field(record, METRICS_FIELD, str), "reply metrics are")
     if not isinstance(metrics, dict):
         raise WireError("reply metrics must be a JSON object")
     for key, value in metrics.items():
@@ -643,10 +646,7 @@ def reply_from_record_dict(content: RecordDict) -> TrainReply | Refusal:
 
 
 def _attempts_from_json(text: str) -> tuple[Attempt, ...]:
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise WireError(f"attempts are not JSON: {e}") from e
+    items = _parse_json(text, "attempts are")
     if not isinstance(items, list) or len(items) > MAX_ATTEMPTS:
         raise WireError(f"attempts must be a JSON list of at most {MAX_ATTEMPTS} entries")
     return tuple(Attempt.from_json(item) for item in items)

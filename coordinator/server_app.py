@@ -35,7 +35,14 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.compliance.checkpoints import configured_coordinator_key
-from fedtune.compliance.wire import ADAPTER_FIELD, HELLO_KEY, REPLY_KEY, TrainInstruction, instruction_to_record_dict
+from fedtune.compliance.wire import (
+    ADAPTER_FIELD,
+    HELLO_KEY,
+    REPLY_KEY,
+    TrainInstruction,
+    TrainReply,
+    instruction_to_record_dict,
+)
 from fedtune.coordinator.encryption import load_blob_key
 from fedtune.coordinator.rounds import CoordinatorContext, FromNode, Reply, run_job
 from fedtune.coordinator.settings import CoordinatorSettings
@@ -138,8 +145,10 @@ def interpret_reply(reply: Message, node_of: Mapping[str, int]) -> tuple[FromNod
         decoded = Rejected(claimed, RejectReason.MALFORMED, f"reply for {claimed!r:.80} came from node {node}, "
                                                              f"not its node")
     size = None
-    if claimed is not None and not isinstance(decoded, Rejected):
+    if isinstance(decoded, TrainReply):  # decoded: its record holds the adapter's bytes
         size = len(reply.content.config_records[REPLY_KEY][ADAPTER_FIELD])
+    elif claimed is not None and not isinstance(decoded, Rejected):  # a signed refusal uploads no adapter
+        size = 0
     return FromNode(decoded, node), size
 
 

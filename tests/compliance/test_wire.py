@@ -233,7 +233,7 @@ def test_malformed_attempts_are_wire_errors():
                                                     records=10, epsilon=1.0, delta=1e-6, **MECHANISM, private_key=key))
     for bad, match in (("{", "not JSON"), ('{"round": 1}', "JSON list"), ('[{"round": "1"}]', "'round' is str"),
                        ('[{"round": 1, "nonce": "zz", "sample_rate": 0.1, "noise_multiplier": 1, "steps": 1, '
-                        '"accountant": "rdp", "delta": 1e-5}]', "not hex")):
+                        '"accountant": "rdp", "delta": 1e-5}]', "not hex"), ("[" * 100_000, "not JSON")):
         content.config_records["fedtune.reply"]["attempts_json"] = bad
         with pytest.raises(WireError, match=match):
             reply_from_record_dict(content)

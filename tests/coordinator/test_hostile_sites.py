@@ -229,6 +229,30 @@ def test_stragglers_get_the_grace_period_once_the_quorum_replied():
     assert 7.0 <= clock.now <= 7.5  # quorum at 2 s, then 5 s of grace; not 600 s
 
 
+def test_the_serverapp_reads_a_signed_refusal_and_hostile_json_without_raising():
+    """A refusal carries no adapter, and a reply's JSON is the peer's to choose: reading either must not raise
+    out of the ServerApp (that would end the Flower run mid-round and leave the job running)."""
+    import torch
+
+    from fedtune.compliance.wire import Refusal, RefusalReason, TrainInstruction, sign_refusal
+
+    ins = TrainInstruction(job_id="job-1", round=1, nonce=b"\x01" * 32, base_digest="sha256:base", config={},
+                           adapter={"q.lora_B.weight": torch.zeros(2, 2)})
+    refusal = reply_to_record_dict(sign_refusal(ins, client_id="bank-a", reason_code=RefusalReason.BUDGET_EXHAUSTED,
+                                                message="the lifetime budget is spent", private_key=KEYS["bank-a"]))
+    hostile = []
+    for metrics_json in ('{"records": ' + "9" * 5000 + "}",  # past Python's integer digit limit: ValueError
+                         '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}"):  # past the recursion limit
+        content = reply_to_record_dict(honest_reply(ins, "bank-b"))
+        content.config_records["fedtune.reply"]["metrics_json"] = metrics_json
+        hostile.append(content)
+    received, upload = interpret_replies([_Reply(_Meta("0", 7), refusal), _Reply(_Meta("1", 8), hostile[0]),
+                                          _Reply(_Meta("2", 8), hostile[1])], {"bank-a": 7, "bank-b": 8})
+    assert isinstance(received[0].reply, Refusal) and upload == {"bank-a": 0}
+    for r in received[1:]:
+        assert r.reply.reason_code == RejectReason.MALFORMED and "reply metrics are not JSON" in r.reply.message
+
+
 def test_flower_error_replies_are_recorded_with_their_text(ctx):
     error = _Reply(_Meta("0", 7), error=_Error(3, "ClientApp crashed: out of memory"))
     [received], upload = interpret_replies([error], {"bank-a": 7})
