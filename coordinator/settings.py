@@ -35,7 +35,9 @@ ENV_PREFIX = "FEDTUNE_"
 class CoordinatorSettings(BaseSettings):
     """What the coordinator's processes read from the environment (the table above)."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore", populate_by_name=True)
+    # an empty variable counts as unset (it would be the path "." otherwise)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore", populate_by_name=True,
+                                      env_ignore_empty=True)
 
     database_url: str | None = None
     blob_dir: Path | None = None

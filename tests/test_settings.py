@@ -79,3 +79,14 @@ def test_a_missing_setting_is_named(monkeypatch):
     monkeypatch.delenv("FEDTUNE_BLOB_DIR", raising=False)
     with pytest.raises(ValueError, match="the ServerApp needs FEDTUNE_DATABASE_URL and FEDTUNE_BLOB_DIR"):
         CoordinatorSettings().require("database_url", "blob_dir", who="the ServerApp")
+
+
+def test_an_empty_variable_is_unset_not_the_current_directory(monkeypatch):
+    """``FEDTUNE_BLOB_DIR=`` must not put blobs (and the orphan-blob sweep) in the working directory."""
+    for name in ("FEDTUNE_BLOB_DIR", "FEDTUNE_BLOB_KEY_FILE", "FEDTUNE_ROUND_METRICS_FILE", "FEDTUNE_DATABASE_URL"):
+        monkeypatch.setenv(name, "")
+    settings = CoordinatorSettings()
+    assert (settings.blob_dir, settings.blob_key_file, settings.round_metrics_file, settings.database_url) == (
+        None, None, None, None)
+    with pytest.raises(ValueError, match="FEDTUNE_DATABASE_URL and FEDTUNE_BLOB_DIR"):
+        settings.require("database_url", "blob_dir", who="the ServerApp")
