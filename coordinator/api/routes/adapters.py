@@ -43,15 +43,16 @@ def lineage(job_id: JobId, version: Version, s: ReadSessionDep) -> dict[str, Any
             responses={**ERRORS, 200: {"content": {"application/zip": {}, "application/octet-stream": {}},
                                        "description": "the adapter"},
                        409: {"description": "the job's base is not on this coordinator"}})
-def download(job_id: JobId, version: Version, settings: SettingsDep, s: ReadSessionDep,
+def download(job_id: JobId, version: Version, settings: SettingsDep,
              format: Annotated[Literal["peft-zip", "safetensors"], Query(
                  description="peft-zip: peft's directory (A and B) zipped; safetensors: the exchanged tensors "
                              "as stored (FFA: B only)")] = "peft-zip") -> Response:
     """The decrypted adapter (its digest is checked against the version row first)."""
-    body, media, filename, digest = adapters.adapter_file(s, settings.ctx, settings.catalog, job_id=job_id,
-                                                          version=version, format=format)
+    with settings.read_sessions() as s:  # closed before the file is built: no long read transaction
+        adapter = adapters.read_adapter(s, settings.ctx, job_id=job_id, version=version)
+    body, media, filename = adapters.adapter_file(adapter, settings.catalog, format=format)
     return Response(body, media_type=media, headers={"Content-Disposition": f'attachment; filename="{filename}"',
-                                                     "X-Adapter-Digest": digest})
+                                                     "X-Adapter-Digest": adapter.digest})
 
 
 @router.post("/jobs/{job_id}/adapters/{version:int}/promote", name="adapter.promote", tags=["adapter"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select, update
@@ -91,25 +92,42 @@ def roll_back(s: Session, *, job_id: str, to_version: int) -> tuple[AdapterVersi
     return row, current.version
 
 
-def adapter_file(s: Session, ctx: CoordinatorContext, catalog: Any, *, job_id: str, version: int,
-                 format: str) -> tuple[bytes, str, str, str]:
-    """The decrypted adapter as a file: (body, media type, file name, the version's digest). ``format``:
-    ``safetensors`` (the exchanged tensors as stored) or ``peft-zip`` (peft's directory, which needs the base).
+@dataclass(frozen=True)
+class StoredAdapter:
+    """A version's decrypted tensors and what building its file needs, read in one short transaction."""
+
+    name: str
+    tensors: dict[str, Any]
+    lora: dict[str, Any]
+    base_digest: str
+    digest: str
+
+
+def read_adapter(s: Session, ctx: CoordinatorContext, *, job_id: str, version: int) -> StoredAdapter:
+    """The version's tensors (its blob's digest checked against the row) and its job's LoRA and base.
 
     Raises:
         NotFound: no such job or version.
-        Conflict: ``peft-zip`` of a job whose base this coordinator does not hold.
     """
     row = version_row(s, job_id=job_id, version=version)
     job = s.get(Job, job_id)
-    tensors = read_adapter_version(ctx, row)  # checks the blob's digest against the row
-    lora, base_digest = job.config["train"]["lora"], job.base_digest
-    name = f"{job_id}-v{version}"
+    return StoredAdapter(name=f"{job_id}-v{version}", tensors=read_adapter_version(ctx, row),
+                         lora=job.config["train"]["lora"], base_digest=job.base_digest, digest=row.digest)
+
+
+def adapter_file(adapter: StoredAdapter, catalog: Any, *, format: str) -> tuple[bytes, str, str]:
+    """The adapter as a file: (body, media type, file name). ``format``: ``safetensors`` (the exchanged tensors
+    as stored) or ``peft-zip`` (peft's directory, which needs the base). No session: built after it closed.
+
+    Raises:
+        Conflict: ``peft-zip`` of a job whose base this coordinator does not hold.
+    """
+    tensors, lora, base_digest, name = adapter.tensors, adapter.lora, adapter.base_digest, adapter.name
     if format == "safetensors":
         from fedtune.compliance.wire import encode_tensors
 
-        return encode_tensors(tensors), "application/octet-stream", f"{name}.safetensors", row.digest
+        return encode_tensors(tensors), "application/octet-stream", f"{name}.safetensors"
     if catalog is None or base_digest not in catalog.paths:
         raise Conflict(f"the job's base {base_digest} is not on this coordinator; use format=safetensors or "
                        f"serve with --base PATH")
-    return catalog.peft_archive(base_digest, lora, tensors), "application/zip", f"{name}-peft.zip", row.digest
+    return catalog.peft_archive(base_digest, lora, tensors), "application/zip", f"{name}-peft.zip"
