@@ -29,7 +29,11 @@ coordinator's `aggregate`. At one epsilon per record:
   a real site would set it from what it knows of its case mix). Those sites pay for both from
   the same epsilon: their rounds and personal steps share one sigma, calibrated over rounds x
   steps + personal steps (so their rounds are noisier than the others'). This is the federated
-  recipe the goal is checked against; the line names the sites that personalised;
+  recipe the goal is checked against; the line names the sites that personalised.
+  `--personal-job fedadam` runs this job with the server's Adam instead of FFA's average (with
+  `--site-optimizer sgd --site-lr 1 --site-momentum 0 --steps 1`: FedSGD, each round one noisy
+  gradient per site, Adam at the coordinator); `--round-noise x` gives the personalising sites'
+  rounds x times local-only's sigma and their personal steps what is left of the epsilon;
 * centralized DP: the pooled records of all sites (a reference no consortium can run), the same
   steps at a K times larger batch (the same sample rate, so the same sigma) — the upper
   reference for what DP can learn from everyone's records;
@@ -139,6 +143,9 @@ class Hyper:
     personal_steps: int = 20
     personal_share: float = 0.5
     personal_recipe: str = "site"  # the personal steps train with the sites' job recipe, or "alone"'s
+    personal_job: str = "ffa"  # the strategy of the job the personal steps start from ("ffa" or "fedadam")
+    round_noise: float = 0.0  # 0: a personalising site's rounds and personal steps share one sigma; x > 0: its
+    # rounds use x times local-only's sigma and its personal steps what is left of the epsilon
     fedadam_lr: float = 0.01
     ffa_server_lr: float = 1.0  # server learning rate of fedavg / ffa; 0: sqrt(K)
     heldout: int = 64
@@ -293,14 +300,20 @@ def run_setting(lab: Lab, setting: Setting, strategies: list[str], log, bound: b
     q = hp.batch_size / setting.records
     total = hp.total_steps
     sigma = calibrate_composed_noise([], sample_rate=q, steps=total, epsilon=setting.epsilon, delta=DELTA)
-    sigma_personal = calibrate_composed_noise([], sample_rate=q, steps=total + hp.personal_steps,
-                                              epsilon=setting.epsilon, delta=DELTA)
+    if hp.round_noise:
+        sigma_rounds = sigma * hp.round_noise
+        sigma_personal = calibrate_composed_noise([Mechanism(q, sigma_rounds, total)], sample_rate=q,
+                                                  steps=hp.personal_steps, epsilon=setting.epsilon, delta=DELTA)
+    else:
+        sigma_personal = calibrate_composed_noise([], sample_rate=q, steps=total + hp.personal_steps,
+                                                  epsilon=setting.epsilon, delta=DELTA)
+        sigma_rounds = sigma_personal
     personal = [s.majority_share() >= hp.personal_share for s in sites]
     out = {"setting": dataclasses.asdict(setting), "sample_rate": q, "sigma": sigma,
-           "sigma_personal": sigma_personal,
+           "sigma_rounds": sigma_rounds, "sigma_personal": sigma_personal,
            "epsilon_spent": {
                "local_or_federated": composed_epsilon([Mechanism(q, sigma, total)], DELTA),
-               "personalised": composed_epsilon([Mechanism(q, sigma_personal, total),
+               "personalised": composed_epsilon([Mechanism(q, sigma_rounds, total),
                                                  Mechanism(q, sigma_personal, hp.personal_steps)], DELTA)},
            "label_mixes": [list(s.site.label_mix) for s in sites],
            "majority_share": [s.majority_share() for s in sites],
@@ -323,20 +336,20 @@ def run_setting(lab: Lab, setting: Setting, strategies: list[str], log, bound: b
                                        True, [s])[0] for i, s in enumerate(sites)], t)
     for strategy in strategies:
         t = time.perf_counter()
-        if strategy != "ffa":
+        if strategy != PERSONAL_SLOT:
             state = run_federated(lab, sites, strategy, [sigma] * len(sites), setting.epsilon, _seed(salt, 2, 0))
             row(f"federated DP {strategy}", lab.evaluate(state, strategy not in PLAIN_LORA, sites), t)
             continue
-        sigmas = [sigma_personal if p else sigma for p in personal]
-        state = run_federated(lab, sites, "ffa", sigmas, setting.epsilon, _seed(salt, 3, 0))
+        sigmas = [sigma_rounds if p else sigma for p in personal]
+        state = run_federated(lab, sites, hp.personal_job, sigmas, setting.epsilon, _seed(salt, 3, 0))
         shared = lab.evaluate(state, True, sites)
-        row("federated DP ffa", shared, t)
+        row(f"federated DP {hp.personal_job}", shared, t)
         t = time.perf_counter()
         mixed = [lab.evaluate(lab.train(state, s.train, steps=hp.personal_steps, batch_size=hp.batch_size,
                                         sigma=sigma_personal, epsilon=setting.epsilon, ffa=True,
                                         seed=_seed(salt, 4, i), who=hp.personal_recipe), True, [s])[0] if p else m
                  for i, (s, p, m) in enumerate(zip(sites, personal, shared, strict=True))]
-        row("federated DP ffa+personal", mixed, t,
+        row(f"federated DP {hp.personal_job}+personal", mixed, t,
             f"personalised: {', '.join(str(i) for i, p in enumerate(personal) if p) or 'none'}")
     pooled = [r for s in sites for r in s.train]
     for private in (True, False):
@@ -409,25 +422,26 @@ def _run_in_worker(hp: Hyper, threads: int, setting: Setting, strategies: list[s
     return result, lines
 
 
-FED_RECIPE = "federated DP ffa+personal"  # what the goal is checked against
+PERSONAL_SLOT = "ffa"  # the strategy whose line runs the job with personal steps (Hyper.personal_job)
 BOUND_ROW = "bound: ideal federation + personal"
 BEST_BOUND_ROW = "bound, best of 4"
 
 
-def markdown_table(results: list[dict], strategies: list[str]) -> str:
+def markdown_table(results: list[dict], strategies: list[str], personal_job: str = "ffa") -> str:
     """One line per setting: mean / worst held-out accuracy of every row."""
-    fed_rows = [f"federated DP {s}" for s in strategies if s != "ffa"]
-    if "ffa" in strategies:
-        fed_rows += ["federated DP ffa", FED_RECIPE]
+    fed_rows = [f"federated DP {s}" for s in strategies if s != PERSONAL_SLOT]
+    fed_recipe = f"federated DP {personal_job}+personal"  # what the goal is checked against
+    if PERSONAL_SLOT in strategies:
+        fed_rows += [f"federated DP {personal_job}", fed_recipe]
     bound = any(BOUND_ROW in res["rows"] for res in results)
     cols = ["local-only DP", *fed_rows, "centralized DP", "centralized non-private",
             *([BOUND_ROW, BEST_BOUND_ROW] if bound else [])]
     short = {"local-only DP": "local DP", "centralized DP": "central DP", "centralized non-private": "central non-DP",
-             FED_RECIPE: "ffa+personal (sites)", BOUND_ROW: "bound"}
+             fed_recipe: f"{personal_job}+personal (sites)", BOUND_ROW: "bound"}
     seeds = len({res.get("seed") for res in results}) > 1
     header = ["K", "n", "alpha", "eps", *(["seed"] if seeds else []), "base",
               *[short.get(c, c.removeprefix("federated DP ")) for c in cols]]
-    if FED_RECIPE in fed_rows:
+    if fed_recipe in fed_rows:
         header.append("fed >= local")
     if bound:
         header += ["bound >= local", "best of 4 >= local"]
@@ -438,11 +452,11 @@ def markdown_table(results: list[dict], strategies: list[str]) -> str:
                  *([str(res.get("seed"))] if seeds else []), f"{rows['base']['mean']:.0%}"]
         for col in cols:
             cell = f"{rows[col]['mean']:.0%} / {rows[col]['worst']:.0%}"
-            if col == FED_RECIPE:
+            if col == fed_recipe:
                 cell += f" ({','.join(map(str, res['personalised_sites'])) or '-'})"
             cells.append(cell)
-        if FED_RECIPE in fed_rows:
-            cells.append("yes" if rows[FED_RECIPE]["mean"] >= rows["local-only DP"]["mean"] else "**no**")
+        if fed_recipe in fed_rows:
+            cells.append("yes" if rows[fed_recipe]["mean"] >= rows["local-only DP"]["mean"] else "**no**")
         if bound:
             cells += ["yes" if rows[r]["mean"] >= rows["local-only DP"]["mean"] else "**no**"
                       for r in (BOUND_ROW, BEST_BOUND_ROW)]
@@ -467,6 +481,11 @@ def main() -> None:
                         help="a site personalises when its majority label has at least this share of its records")
     parser.add_argument("--personal-recipe", choices=("site", "alone"), default=Hyper.personal_recipe,
                         help="the personal steps' optimizer: the sites' in the job, or a site's alone")
+    parser.add_argument("--personal-job", choices=("ffa", "fedadam"), default=Hyper.personal_job,
+                        help="the strategy of the job whose adapter the personal steps start from (run in ffa's line)")
+    parser.add_argument("--round-noise", type=float, default=Hyper.round_noise,
+                        help="a personalising site's rounds at this multiple of local-only's sigma, its personal "
+                             "steps at what is left of the epsilon (default 0: one sigma for both)")
     parser.add_argument("--fedadam-lr", type=float, default=Hyper.fedadam_lr, help="fedadam's server learning rate")
     parser.add_argument("--server-lr", type=float, default=Hyper.ffa_server_lr,
                         help="fedavg's and ffa's server learning rate (0: sqrt of the number of sites)")
@@ -489,12 +508,16 @@ def main() -> None:
     args = parser.parse_args()
     hp = Hyper(rounds=args.rounds, steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank,
                personal_steps=args.personal_steps, personal_share=args.personal_share,
-               personal_recipe=args.personal_recipe, fedadam_lr=args.fedadam_lr,
+               personal_recipe=args.personal_recipe, personal_job=args.personal_job, round_noise=args.round_noise,
+               fedadam_lr=args.fedadam_lr,
                ffa_server_lr=args.server_lr, site_optimizer=args.site_optimizer, site_lr=args.site_lr,
                site_momentum=args.site_momentum, alone_optimizer=args.alone_optimizer, alone_lr=args.alone_lr,
                heldout=args.heldout, seed=args.seed[0])
     if args.quick:
         hp = dataclasses.replace(hp, rounds=2, steps=4, personal_steps=4, heldout=24)
+    if args.personal_job != PERSONAL_SLOT and args.personal_job in args.strategies:
+        parser.error(f"--personal-job {args.personal_job} runs in {PERSONAL_SLOT}'s line; leave {args.personal_job} "
+                     f"out of --strategies")
     bad = [s for s in args.records if s < hp.batch_size]
     if bad:
         parser.error(f"--records {bad} cannot fill the expected batch of {hp.batch_size}; lower --batch-size")
@@ -515,7 +538,8 @@ def main() -> None:
             results.append(result)
             print(f"[{done}/{len(runs)}] {setting.name} seed {seed}: {result['seconds']:.0f} s, "
                   f"sigma {result['sigma']:.3f} "
-                  f"(personal {result['sigma_personal']:.3f}), q {result['sample_rate']:.3g}, "
+                  f"(personalising sites: rounds {result['sigma_rounds']:.3f}, personal steps "
+                  f"{result['sigma_personal']:.3f}), q {result['sample_rate']:.3g}, "
                   f"{time.perf_counter() - started:.0f} s elapsed", flush=True)
             print("\n".join(lines), flush=True)
     wall = time.perf_counter() - started
@@ -524,7 +548,7 @@ def main() -> None:
     print(f"\nheld-out accuracy, mean over sites / worst site ({wall:.0f} s wall, {hp.rounds} rounds x "
           f"{hp.steps} steps, batch {hp.batch_size}, rank {hp.rank}; sites in a job {hp.recipe('site')}, a site "
           f"alone {hp.recipe('alone')}, pooled {hp.recipe('pooled')}):\n")
-    print(markdown_table(results, args.strategies))
+    print(markdown_table(results, args.strategies, hp.personal_job))
     if args.json:
         args.json.write_text(json.dumps({"hyperparameters": dataclasses.asdict(hp), "wall_seconds": round(wall, 1),
                                          "settings": results}, indent=2) + "\n")
