@@ -58,7 +58,7 @@ n = 64, 0.125 at n = 256), 64 held-out records per site, the tiny base, Opacus' 
 on 2 quiet cores (a K=8 setting about 8 minutes, a K=3 one about 2); `--sites 3 --records 64` about
 5 minutes. `--server-lr` sets fedavg's and ffa's server learning rate (0: sqrt(K); measured worse than
 1 at K=8). Each cell is one draw of data and noise (`--seed`): differences of a few points are
-noise (local-only alone moves by 5 points between draws of the noise); `--seed 0 1 2` runs every
+noise (local-only alone moves by up to 13 points between draws); `--seed 0 1 2` runs every
 setting once per draw, one line each. `--site-optimizer sgd` trains the sites of every job with SGD
 (`--site-lr`, `--site-momentum`) instead of AdamW, `--alone-optimizer sgd` the local-only row
 (`--alone-lr`); the pooled references keep AdamW. SGD keeps each site's noisy update linear in its
