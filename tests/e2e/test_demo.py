@@ -136,7 +136,9 @@ def test_shortened_demo_writes_a_report_that_passes_its_checks(tmp_path):
 def test_ctrl_c_stops_every_child_and_leaves_the_store_consistent(tmp_path):
     out = tmp_path / "demo"
     log = open(tmp_path / "demo.log", "wb")  # noqa: SIM115 - the child writes it until it exits
-    demo = subprocess.Popen([venv_bin("fedtune"), "demo", "--out", str(out), *SHORT, "--rounds", "3"], stdout=log,
+    # Enough rounds that the job is still running when the signal comes: 3 rounds took 27 s once rounds got fast
+    # (the first one 23 s), so a signal 20 s into the job could land after it had finished.
+    demo = subprocess.Popen([venv_bin("fedtune"), "demo", "--out", str(out), *SHORT, "--rounds", "30"], stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 420
