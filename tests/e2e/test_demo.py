@@ -143,10 +143,7 @@ def test_ctrl_c_stops_every_child_and_leaves_the_store_consistent(tmp_path):
         while b"4. the federated job" not in (tmp_path / "demo.log").read_bytes():
             assert demo.poll() is None and time.monotonic() < deadline, (tmp_path / "demo.log").read_text()[-4000:]
             time.sleep(1)
-        # Into the first round: it commits about 23 s after the job's header and the 3 rounds take 27 s, so a signal
-        # 20 s in could come after the job had ended (the demo then exited 0); more rounds at the same epsilon made
-        # the updates noisy enough to fail the norm bound.
-        time.sleep(5)
+        time.sleep(20)  # into the first round
         demo.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C delivers to the demo
         assert demo.wait(timeout=150) == 130, (tmp_path / "demo.log").read_text()[-4000:]
     finally:
